@@ -1,0 +1,259 @@
+"""GPT-2 as Flax linen modules, used functionally: ``params`` in, logits out.
+
+    tokens_BT ─► wte + wpe ─► dropout ─► Block × L ─► ln_f ─► x @ wteᵀ ─► logits_BTV
+    Block:  x + dropout(attn(ln_1(x)))  then  x + dropout(mlp(ln_2(x)))          (pre-LayerNorm)
+
+Parameter names and layouts follow OpenAI's GPT-2 (``wte``, ``h_0/attn/c_attn``, ...), and a
+Flax ``Dense`` kernel is ``(in, out)`` exactly like GPT-2's ``Conv1D`` weight, so released
+checkpoints map onto these parameters one to one.
+
+The same forward pass serves training (no cache, causal mask) and decoding: pass a
+``KVCache`` and the absolute position of every token, and the new keys/values are written at
+those positions while each query attends to the cache slots at or before its own position.
+Rows of a batch may sit at different positions (prompts of different lengths).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from gpt2_jax.config import GPT2Config
+
+
+class LayerCache(NamedTuple):
+    """Keys and values of one layer for cache slots 0..S-1 (slot = absolute position)."""
+
+    k_BSHK: jax.Array
+    v_BSHK: jax.Array
+
+
+KVCache = tuple[LayerCache, ...]  # one entry per layer
+
+
+def init_cache(cfg: GPT2Config, batch_size: int, length: int | None = None) -> KVCache:
+    """An all-zero cache of ``length`` slots (default ``n_ctx``) in the compute dtype."""
+    length = cfg.n_ctx if length is None else length
+    assert 1 <= length <= cfg.n_ctx, (length, cfg.n_ctx)
+    shape = (batch_size, length, cfg.n_head, cfg.d_head)
+    zeros = jnp.zeros(shape, compute_dtype(cfg))
+    return tuple(LayerCache(zeros, zeros) for _ in range(cfg.n_layer))
+
+
+def compute_dtype(cfg: GPT2Config) -> jnp.dtype:
+    return jnp.dtype(cfg.dtype)
+
+
+def _init_normal(std: float) -> nn.initializers.Initializer:
+    return nn.initializers.normal(stddev=std)
+
+
+# GPT-2 initialisation: N(0, 0.02) everywhere, residual output projections scaled by
+# 1/sqrt(2·n_layer) so the residual stream's variance does not grow with depth.
+INIT_STD = 0.02
+
+
+def _residual_init(cfg: GPT2Config) -> nn.initializers.Initializer:
+    return _init_normal(INIT_STD / math.sqrt(2 * cfg.n_layer))
+
+
+def attention_implementation(cfg: GPT2Config) -> str:
+    """The ``jax.nn.dot_product_attention`` backend: cuDNN's fused kernel on GPU, XLA elsewhere."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+def attend(
+    q_BTHK: jax.Array,
+    k_BSHK: jax.Array,
+    v_BSHK: jax.Array,
+    mask_BTS: jax.Array | None,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Scaled dot-product attention; ``mask_BTS=None`` means causal over aligned T == S.
+
+    Softmax runs in float32 whatever the compute dtype. Dropout on the attention
+    probabilities needs the explicit formulation (the fused kernels have no dropout).
+    """
+    if dropout_rate == 0.0 or dropout_rng is None:
+        mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
+        impl = implementation if mask_BTS is None else "xla"  # cuDNN wants causal / seq-lengths masks
+        return jax.nn.dot_product_attention(
+            q_BTHK, k_BSHK, v_BSHK, mask=mask, is_causal=mask_BTS is None, implementation=impl
+        )
+    T, S = q_BTHK.shape[1], k_BSHK.shape[1]
+    if mask_BTS is None:
+        assert T == S, (T, S)
+        mask_BTS = jnp.tril(jnp.ones((T, S), bool))[None]
+    scale = 1.0 / math.sqrt(q_BTHK.shape[-1])
+    scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
+    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * scale, jnp.finfo(jnp.float32).min)
+    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BHTS.shape)
+    probs_BHTS = jnp.where(keep, probs_BHTS / (1.0 - dropout_rate), 0.0).astype(v_BSHK.dtype)
+    return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
+
+
+def write_cache(cache: LayerCache, k_BTHK: jax.Array, v_BTHK: jax.Array, positions_BT: jax.Array) -> LayerCache:
+    """Store new keys/values at their absolute positions (per row); out-of-range writes are dropped."""
+    rows_B1 = jnp.arange(k_BTHK.shape[0])[:, None]
+    return LayerCache(
+        cache.k_BSHK.at[rows_B1, positions_BT].set(k_BTHK.astype(cache.k_BSHK.dtype), mode="drop"),
+        cache.v_BSHK.at[rows_B1, positions_BT].set(v_BTHK.astype(cache.v_BSHK.dtype), mode="drop"),
+    )
+
+
+class CausalSelfAttention(nn.Module):
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, cache: LayerCache | None, deterministic: bool):
+        cfg = self.cfg
+        B, T, D = x_BTD.shape
+        H, K = cfg.n_head, cfg.d_head
+        dense = dict(dtype=compute_dtype(cfg), param_dtype=jnp.float32)
+        qkv_BT3D = nn.Dense(3 * D, kernel_init=_init_normal(INIT_STD), name="c_attn", **dense)(x_BTD)
+        q_BTHK, k_BTHK, v_BTHK = (a.reshape(B, T, H, K) for a in jnp.split(qkv_BT3D, 3, axis=-1))
+
+        if cache is None:  # training / full forward: keys are the chunk itself
+            k_BSHK, v_BSHK, mask_BTS = k_BTHK, v_BTHK, None
+        else:  # decoding: write this chunk into the cache, attend to every slot up to our position
+            cache = write_cache(cache, k_BTHK, v_BTHK, positions_BT)
+            k_BSHK, v_BSHK = cache.k_BSHK, cache.v_BSHK
+            slots_S = jnp.arange(k_BSHK.shape[1])
+            mask_BTS = slots_S[None, None, :] <= positions_BT[:, :, None]
+
+        use_dropout = not deterministic and cfg.attn_dropout > 0.0
+        y_BTHK = attend(
+            q_BTHK, k_BSHK.astype(q_BTHK.dtype), v_BSHK.astype(q_BTHK.dtype), mask_BTS,
+            dropout_rate=cfg.attn_dropout if use_dropout else 0.0,
+            dropout_rng=self.make_rng("dropout") if use_dropout else None,
+            implementation=attention_implementation(cfg),
+        )
+        y_BTD = nn.Dense(D, kernel_init=_residual_init(cfg), name="c_proj", **dense)(y_BTHK.reshape(B, T, D))
+        return y_BTD, cache
+
+
+class MLP(nn.Module):
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.cfg
+        dense = dict(dtype=compute_dtype(cfg), param_dtype=jnp.float32)
+        h_BTF = nn.Dense(cfg.d_ff, kernel_init=_init_normal(INIT_STD), name="c_fc", **dense)(x_BTD)
+        h_BTF = nn.gelu(h_BTF, approximate=True)  # GPT-2's "gelu_new" (tanh approximation)
+        return nn.Dense(cfg.d_model, kernel_init=_residual_init(cfg), name="c_proj", **dense)(h_BTF)
+
+
+def _layer_norm(cfg: GPT2Config, name: str) -> nn.LayerNorm:
+    # Exact two-pass variance (as PyTorch), statistics in float32 even for bf16 compute.
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=compute_dtype(cfg), param_dtype=jnp.float32,
+                        use_fast_variance=False, name=name)
+
+
+class Block(nn.Module):
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, cache: LayerCache | None, deterministic: bool):
+        drop = nn.Dropout(self.cfg.dropout, deterministic=deterministic)
+        a_BTD, cache = CausalSelfAttention(self.cfg, name="attn")(
+            _layer_norm(self.cfg, "ln_1")(x_BTD), positions_BT, cache, deterministic)
+        x_BTD = x_BTD + drop(a_BTD)
+        x_BTD = x_BTD + drop(MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x_BTD)))
+        return x_BTD, cache
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model.
+
+    ``apply({"params": p}, tokens_BT)`` returns float32 ``logits_BTV``. With ``cache=`` it
+    returns ``(logits_BTV, new_cache)``; ``positions_BT`` then gives each token's absolute
+    position (default ``0..T-1`` for every row).
+    """
+
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        deterministic: bool = True,
+        *,
+        positions_BT: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ):
+        cfg = self.cfg
+        B, T = tokens_BT.shape
+        assert T <= cfg.n_ctx, f"{T} tokens do not fit the model's context of {cfg.n_ctx}"
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        chex.assert_shape(positions_BT, (B, T))
+
+        wte = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_init_normal(INIT_STD),
+                       dtype=compute_dtype(cfg), param_dtype=jnp.float32, name="wte")
+        wpe = nn.Embed(cfg.n_ctx, cfg.d_model, embedding_init=_init_normal(INIT_STD),
+                       dtype=compute_dtype(cfg), param_dtype=jnp.float32, name="wpe")
+        x_BTD = wte(tokens_BT) + wpe(positions_BT)
+        x_BTD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD)
+
+        block_cls = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
+        new_cache = []
+        for i in range(cfg.n_layer):
+            layer_cache = None if cache is None else cache[i]
+            x_BTD, layer_cache = block_cls(cfg, name=f"h_{i}")(x_BTD, positions_BT, layer_cache, deterministic)
+            new_cache.append(layer_cache)
+
+        x_BTD = _layer_norm(cfg, "ln_f")(x_BTD)
+        logits_BTV = wte.attend(x_BTD).astype(jnp.float32)  # LM head tied to the token embedding
+        chex.assert_shape(logits_BTV, (B, T, cfg.vocab_size))
+        if cache is None:
+            return logits_BTV
+        return logits_BTV, tuple(new_cache)
+
+
+def init_params(cfg: GPT2Config, rng: jax.Array) -> dict:
+    """Freshly initialised float32 parameters (GPT-2's initialisation)."""
+    tokens_BT = jnp.zeros((1, min(cfg.n_ctx, 8)), jnp.int32)
+    return GPT2(cfg).init(rng, tokens_BT)["params"]
+
+
+def forward(params, cfg: GPT2Config, tokens_BT, *, deterministic: bool = True, rng: jax.Array | None = None):
+    """``logits_BTV = forward(params, cfg, tokens_BT)``: the model as a plain function."""
+    rngs = None if rng is None else {"dropout": rng}
+    return GPT2(cfg).apply({"params": params}, tokens_BT, deterministic, rngs=rngs)
+
+
+def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """Per-token negative log-likelihood ``nll_BT`` in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
+
+
+def cross_entropy_loss(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy over the unmasked positions (``mask_BT`` 1 = scored)."""
+    nll_BT = token_nll(logits_BTV, targets_BT)
+    if mask_BT is None:
+        return nll_BT.mean()
+    mask_BT = mask_BT.astype(jnp.float32)
+    return (nll_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+__all__: Sequence[str] = (
+    "GPT2", "Block", "CausalSelfAttention", "MLP", "LayerCache", "KVCache", "attend", "write_cache",
+    "init_cache", "init_params", "forward", "token_nll", "cross_entropy_loss", "count_params",
+)

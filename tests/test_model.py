@@ -1,0 +1,164 @@
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2_jax import GPT2, cross_entropy_loss, forward, init_cache, init_params, token_nll
+from gpt2_jax.model import attend
+
+
+def _tokens(cfg, B, T, seed=1):
+    return jax.random.randint(jax.random.PRNGKey(seed), (B, T), 0, cfg.vocab_size)
+
+
+def test_forward_shapes_and_dtypes(micro_cfg):
+    params = init_params(micro_cfg, jax.random.PRNGKey(0))
+    logits_BTV = forward(params, micro_cfg, _tokens(micro_cfg, 3, 7))
+    chex.assert_shape(logits_BTV, (3, 7, micro_cfg.vocab_size))
+    assert logits_BTV.dtype == jnp.float32
+    for leaf in jax.tree_util.tree_leaves(params):
+        assert leaf.dtype == jnp.float32
+    chex.assert_shape(params["h_0"]["attn"]["c_attn"]["kernel"], (32, 96))  # fused QKV, (in, out)
+    assert "bias" in params["h_0"]["attn"]["c_attn"] and "lm_head" not in params  # tied head
+
+
+def test_init_statistics_follow_gpt2(micro_cfg):
+    cfg = micro_cfg.replace(d_model=256, n_head=4, d_ff=1024, n_layer=8)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    std = lambda a: float(np.std(np.asarray(a)))
+    assert std(params["h_0"]["attn"]["c_attn"]["kernel"]) == pytest.approx(0.02, rel=0.05)
+    assert std(params["h_0"]["mlp"]["c_proj"]["kernel"]) == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert std(params["h_3"]["attn"]["c_proj"]["kernel"]) == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert float(jnp.abs(params["h_0"]["attn"]["c_attn"]["bias"]).max()) == 0.0
+    np.testing.assert_array_equal(params["ln_f"]["scale"], 1.0)
+
+
+def test_causality_future_tokens_never_change_past_logits(micro_cfg):
+    params = init_params(micro_cfg, jax.random.PRNGKey(0))
+    tokens = _tokens(micro_cfg, 2, 12)
+    base = forward(params, micro_cfg, tokens)
+    for t in (0, 5, 11):
+        changed = tokens.at[:, t].set((tokens[:, t] + 1) % micro_cfg.vocab_size)
+        out = forward(params, micro_cfg, changed)
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])
+        assert float(jnp.abs(out[:, t] - base[:, t]).max()) > 1e-4  # the changed position itself moves
+
+
+def test_deterministic_vs_dropout(micro_cfg):
+    params = init_params(micro_cfg, jax.random.PRNGKey(0))
+    tokens = _tokens(micro_cfg, 2, 10)
+    a = forward(params, micro_cfg, tokens)
+    np.testing.assert_array_equal(a, forward(params, micro_cfg, tokens))
+    d1 = forward(params, micro_cfg, tokens, deterministic=False, rng=jax.random.PRNGKey(1))
+    d1b = forward(params, micro_cfg, tokens, deterministic=False, rng=jax.random.PRNGKey(1))
+    d2 = forward(params, micro_cfg, tokens, deterministic=False, rng=jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(d1, d1b)
+    assert float(jnp.abs(d1 - a).max()) > 1e-3 and float(jnp.abs(d1 - d2).max()) > 1e-3
+    no_dropout = micro_cfg.replace(dropout=0.0, attn_dropout=0.0)
+    np.testing.assert_allclose(forward(params, no_dropout, tokens, deterministic=False,
+                                       rng=jax.random.PRNGKey(1)), a, atol=1e-6)
+
+
+def test_attention_dropout_path_matches_fused_without_dropout():
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 6, 3, 8)) for i in range(3))
+    fused = attend(q, k, v, None)
+    explicit = attend(q, k, v, None, dropout_rate=1e-9, dropout_rng=jax.random.PRNGKey(0))
+    np.testing.assert_allclose(explicit, fused, atol=1e-5)
+    # Manual reference: softmax(QKᵀ/√K + causal) V.
+    s = jnp.einsum("bthk,bshk->bhts", q, k) / math.sqrt(8)
+    s = jnp.where(jnp.tril(jnp.ones((6, 6), bool)), s, -jnp.inf)
+    ref = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(s, -1), v)
+    np.testing.assert_allclose(fused, ref, atol=1e-5)
+
+
+class TestJitAgrees(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_forward_jit_and_eager_agree(self):
+        from gpt2_jax import GPT2Config
+        cfg = GPT2Config(vocab_size=97, n_ctx=16, n_layer=2, d_model=32, n_head=4, d_ff=64)
+        params = init_params(cfg, jax.random.PRNGKey(0))
+        tokens = _tokens(cfg, 2, 9)
+        ref = GPT2(cfg).apply({"params": params}, tokens)
+        out = self.variant(lambda p, t: GPT2(cfg).apply({"params": p}, t))(params, tokens)
+        np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_vmap_and_grad_through_model(micro_cfg):
+    params = init_params(micro_cfg, jax.random.PRNGKey(0))
+    tokens = _tokens(micro_cfg, 4, 8)
+    per_row = jax.vmap(lambda t: forward(params, micro_cfg, t[None])[0])(tokens)
+    np.testing.assert_allclose(per_row, forward(params, micro_cfg, tokens), atol=1e-5)
+    loss = lambda p: cross_entropy_loss(forward(p, micro_cfg, tokens[:, :-1]), tokens[:, 1:])
+    grads = jax.grad(loss)(params)
+    chex.assert_trees_all_equal_shapes(grads, params)
+    assert float(jnp.abs(grads["wte"]["embedding"]).max()) > 0
+
+
+def test_uniform_model_loss_is_log_vocab():
+    V = 1000
+    logits = jnp.zeros((3, 5, V))
+    targets = jax.random.randint(jax.random.PRNGKey(0), (3, 5), 0, V)
+    assert float(cross_entropy_loss(logits, targets)) == pytest.approx(math.log(V), rel=1e-6)
+
+
+def test_masked_loss_ignores_masked_positions():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 11))
+    targets = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    mask = jnp.array([[1, 1, 0, 0], [1, 0, 0, 0]])
+    expected = (token_nll(logits, targets) * mask).sum() / 3
+    assert float(cross_entropy_loss(logits, targets, mask)) == pytest.approx(float(expected), rel=1e-6)
+    garbage = logits.at[0, 3].set(1e4)  # a masked position cannot move the loss
+    assert float(cross_entropy_loss(garbage, targets, mask)) == pytest.approx(float(expected), rel=1e-6)
+    manual = -jax.nn.log_softmax(logits[0, 0])[1]
+    assert float(token_nll(logits, targets)[0, 0]) == pytest.approx(float(manual), rel=1e-5)
+
+
+def test_cached_prefill_and_decode_match_full_forward(micro_cfg):
+    params = init_params(micro_cfg, jax.random.PRNGKey(0))
+    tokens = _tokens(micro_cfg, 2, 12)
+    full = forward(params, micro_cfg, tokens)
+    model = GPT2(micro_cfg)
+    logits, cache = model.apply({"params": params}, tokens[:, :7], cache=init_cache(micro_cfg, 2))
+    np.testing.assert_allclose(logits, full[:, :7], atol=1e-5)
+    for t in range(7, 12):
+        pos = jnp.full((2, 1), t, jnp.int32)
+        step, cache = model.apply({"params": params}, tokens[:, t:t + 1], cache=cache, positions_BT=pos)
+        np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-5)
+
+
+def test_rows_at_different_positions_share_one_cache(micro_cfg):
+    """Row 0 has a 3-token prompt, row 1 a 6-token prompt: per-row positions keep them independent."""
+    params = init_params(micro_cfg, jax.random.PRNGKey(0))
+    a, b = _tokens(micro_cfg, 1, 4, seed=3)[0], _tokens(micro_cfg, 1, 7, seed=4)[0]
+    model = GPT2(micro_cfg)
+    prompt = jnp.stack([jnp.concatenate([a[:3], jnp.zeros(3, a.dtype)]), b[:6]])  # right-padded
+    _, cache = model.apply({"params": params}, prompt, cache=init_cache(micro_cfg, 2))
+    nxt = jnp.stack([a[3:4], b[6:7]])
+    step, _ = model.apply({"params": params}, nxt, cache=cache, positions_BT=jnp.array([[3], [6]]))
+    np.testing.assert_allclose(step[0, 0], forward(params, micro_cfg, a[None])[0, 3], atol=1e-5)
+    np.testing.assert_allclose(step[1, 0], forward(params, micro_cfg, b[None])[0, 6], atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(micro_cfg):
+    params = init_params(micro_cfg, jax.random.PRNGKey(0))
+    tokens = _tokens(micro_cfg, 2, 10)
+    ref = forward(params, micro_cfg, tokens)
+    bf = forward(params, micro_cfg.replace(dtype="bfloat16"), tokens)
+    assert bf.dtype == jnp.float32
+    err = float(jnp.abs(bf - ref).max())
+    assert 0 < err < 0.1  # bf16 really is used (not bitwise equal), yet close
+
+
+def test_remat_gives_same_loss_and_grads(micro_cfg):
+    params = init_params(micro_cfg, jax.random.PRNGKey(0))
+    tokens = _tokens(micro_cfg, 2, 9)
+    def loss(p, cfg):
+        return cross_entropy_loss(forward(p, cfg, tokens[:, :-1], deterministic=False,
+                                          rng=jax.random.PRNGKey(5)), tokens[:, 1:])
+    l1, g1 = jax.value_and_grad(loss)(params, micro_cfg)
+    l2, g2 = jax.value_and_grad(loss)(params, micro_cfg.replace(remat=True))
+    assert float(l1) == pytest.approx(float(l2), rel=1e-6)
+    chex.assert_trees_all_close(g1, g2, atol=1e-6)
