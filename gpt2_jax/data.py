@@ -1,0 +1,503 @@
+"""WikiText-2 as token streams and packed batches.
+
+Where the text comes from
+    A TensorFlow-Datasets builder (``WikiText2``, used without TensorFlow: array_record files read
+    back with ``as_data_source``) with one example per line of ``wiki.{train,valid,test}.tokens``,
+    in file order, each line keeping its ``"\\n"`` (so ``"".join(lines)`` is the file, byte for
+    byte). Configs: ``wikitext-2-v1`` (tokenized, with ``<unk>``: the literature's benchmark) and
+    ``wikitext-2-raw-v1``. The builder takes the three files from, in this order:
+      1. ``data_dir`` (``--data_dir``) or ``$GPT2_JAX_DATA_DIR``: a folder with the three files or
+         the zip archive, or the archive itself;
+      2. TFDS's manual dir (``<tfds_dir>/downloads/manual/``), same contents;
+      3. a download of the author's archive (wikitext.smerity.com; the original S3 address is dead).
+    Every file's hash is checked against the known-good values below before anything is written.
+    The prepared array_record files live in a TFDS data dir under the cache
+    (``$GPT2_JAX_CACHE`` or ``~/.cache/gpt2_jax``), so preparation happens once.
+
+How lines become one token stream (the choice, and why perplexity stays honest)
+    Each line (with its newline) is encoded on its own and the encodings are concatenated, so the
+    stream encodes exactly the split's text, and a byte-level BPE decodes it back losslessly. No
+    end-of-text token is inserted between lines or articles: WikiText marks articles with its own
+    `` = Title = `` lines, and a token that is not text would be scored against no counted word.
+    A single ``<|endoftext|>`` is put in FRONT of every stream, as GPT-2 does with a document's
+    first token: it is only ever an input, never a target, and lets the first real token be
+    scored too. Therefore the scored targets ``stream[1:]`` encode exactly the split's text, whose
+    words ``count_words`` counts (whitespace words + one end-of-line per line, the Merity et al.
+    convention with ``<eos>``), and word-level perplexity = exp(total NLL / words) is exact.
+
+Batches
+    Windows of ``seq_len + 1`` tokens; inputs are the first ``seq_len``, targets the last
+    ``seq_len``. Training windows tile the stream (a random offset per epoch moves the leftover
+    tokens around) and are shuffled per epoch from ``(seed, epoch)``; ``DataPosition`` (epoch,
+    batches consumed) resumes exactly. Evaluation scores every target once (``mask``). Batches are
+    ``(N, b, T)`` for ``N`` local devices; with several processes each builds only its own rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import math
+import os
+import pathlib
+import urllib.error
+import urllib.request
+import zipfile
+from typing import Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from tokenizers import Tokenizer
+
+from gpt2_jax import tokenizer as tokenizer_lib
+from gpt2_jax.cli import UserError
+
+SPLITS = ("train", "validation", "test")
+_FILE_STEM = {"train": "train", "validation": "valid", "test": "test"}
+DATA_DIR_ENV = "GPT2_JAX_DATA_DIR"
+CACHE_ENV = "GPT2_JAX_CACHE"
+# Some hosts reject Python's default User-Agent.
+_USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"
+
+
+class DataError(UserError):
+    """The dataset is missing or corrupt; the message says how to provide it offline."""
+
+
+@dataclasses.dataclass(eq=False)
+class WikiTextConfig(tfds.core.BuilderConfig):
+    """One WikiText-2 variant: where its archive lives and the known-good hash of each file."""
+
+    archive_url: str = ""
+    suffix: str = "tokens"  # wiki.<split>.<suffix>
+    hashes: dict = dataclasses.field(default_factory=dict)  # file name -> (algorithm, hex digest)
+
+    def file_name(self, split: str) -> str:
+        return f"wiki.{_FILE_STEM[split]}.{self.suffix}"
+
+    @property
+    def archive_name(self) -> str:
+        return self.archive_url.rsplit("/", 1)[-1]
+
+
+_V1 = WikiTextConfig(
+    name="wikitext-2-v1",
+    description="Tokenized WikiText-2 (rare words replaced by <unk>): the standard benchmark.",
+    archive_url="https://wikitext.smerity.com/wikitext-2-v1.zip",
+    suffix="tokens",
+    hashes={  # SHA-256 of the files as released (identical in the author's mirror).
+        "wiki.train.tokens": ("sha256", "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f"),
+        "wiki.valid.tokens": ("sha256", "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
+        "wiki.test.tokens": ("sha256", "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"),
+    },
+)
+_RAW_V1 = WikiTextConfig(
+    name="wikitext-2-raw-v1",
+    description="Raw WikiText-2 (original words, no <unk>).",
+    archive_url="https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
+    suffix="raw",
+    # Only SHA-1 digests are published for the raw files (GluonNLP's dataset registry, whose SHA-1 of
+    # the three v1 files matches the SHA-256-verified v1 files above).
+    hashes={
+        "wiki.train.raw": ("sha1", "d33faf256327882db0edc7c67cd098d1051a2112"),
+        "wiki.valid.raw": ("sha1", "db78d4db83700cba1b1bf4a9381087043db2876d"),
+        "wiki.test.raw": ("sha1", "6f1fe2054a940eebfc76b284b09680763b37f5ea"),
+    },
+)
+VARIANTS = {c.name: c for c in (_V1, _RAW_V1)}
+
+
+def default_cache_dir() -> pathlib.Path:
+    """``$GPT2_JAX_CACHE`` or ``~/.cache/gpt2_jax``: prepared dataset, tokenizers, token streams."""
+    return pathlib.Path(os.environ.get(CACHE_ENV) or pathlib.Path.home() / ".cache" / "gpt2_jax")
+
+
+def _variant(variant: str) -> WikiTextConfig:
+    if variant not in VARIANTS:
+        raise UserError(f"unknown dataset variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
+    return VARIANTS[variant]
+
+
+def _offline_hint(cfg: WikiTextConfig) -> str:
+    files = ", ".join(cfg.file_name(s) for s in SPLITS)
+    return (f"to work offline, put {files} (or {cfg.archive_name} from {cfg.archive_url}) in a folder and "
+            f"pass --data_dir=FOLDER or set {DATA_DIR_ENV}=FOLDER")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and verifying the source files.
+
+
+def _files_in(location: pathlib.Path, cfg: WikiTextConfig) -> dict[str, bytes] | None:
+    """The three files' bytes from a folder (loose files or the archive) or an archive; None if absent."""
+    names = [cfg.file_name(s) for s in SPLITS]
+    if location.is_dir():
+        if all((location / n).is_file() for n in names):
+            return {n: (location / n).read_bytes() for n in names}
+        archive = location / cfg.archive_name
+        if not archive.is_file():
+            return None
+        location = archive
+    if not location.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(location) as zf:
+            members = {pathlib.PurePosixPath(m).name: m for m in zf.namelist() if not m.endswith("/")}
+            missing = [n for n in names if n not in members]
+            if missing:
+                raise DataError(f"archive {location} lacks {', '.join(missing)}; {_offline_hint(cfg)}")
+            return {n: zf.read(members[n]) for n in names}
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"{location} is not a readable zip archive ({e}); {_offline_hint(cfg)}") from None
+
+
+def _verify(files: dict[str, bytes], cfg: WikiTextConfig, where: pathlib.Path | str) -> None:
+    for name, data in files.items():
+        algorithm, want = cfg.hashes[name]
+        got = hashlib.new(algorithm, data).hexdigest()
+        if got != want:
+            raise DataError(f"{name} from {where} has {algorithm.upper()} {got}, not the known-good {want} "
+                            f"of {cfg.name}; {_offline_hint(cfg)}")
+
+
+def _download(url: str, dest: pathlib.Path, cfg: WikiTextConfig) -> None:
+    """Fetch ``url`` to ``dest`` (atomically: a failed download leaves nothing behind)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response, open(tmp, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or e
+        raise DataError(f"WikiText-2 is not available locally and downloading {url} failed ({reason}); "
+                        f"{_offline_hint(cfg)}") from None
+
+
+def read_source_files(cfg: WikiTextConfig, source: str | os.PathLike | None, manual_dir: pathlib.Path | None,
+                      download_dir: pathlib.Path, url: str | None = None) -> dict[str, bytes]:
+    """The verified bytes of the three files: ``source``, else ``manual_dir``, else a download."""
+    if source is not None:
+        source = pathlib.Path(source).expanduser()
+        files = _files_in(source, cfg)
+        if files is None:
+            raise DataError(f"{source} holds neither {', '.join(cfg.file_name(s) for s in SPLITS)} nor "
+                            f"{cfg.archive_name}; {_offline_hint(cfg)}")
+        _verify(files, cfg, source)
+        return files
+    if manual_dir is not None and (files := _files_in(manual_dir, cfg)) is not None:
+        _verify(files, cfg, manual_dir)
+        return files
+    archive = download_dir / cfg.archive_name
+    if not archive.is_file():
+        _download(url or cfg.archive_url, archive, cfg)
+    files = _files_in(archive, cfg)
+    if files is None:
+        raise DataError(f"the download {archive} is not the WikiText-2 archive; {_offline_hint(cfg)}")
+    try:
+        _verify(files, cfg, url or cfg.archive_url)
+    except DataError:
+        archive.unlink()  # never keep a bad download around to fail again
+        raise
+    return files
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines of ``text`` split at ``"\\n"`` only (not at U+2028 etc. like ``str.splitlines``), newlines kept."""
+    pieces = text.split("\n")
+    lines = [p + "\n" for p in pieces[:-1]]
+    if pieces[-1]:
+        lines.append(pieces[-1])
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# The TFDS builder.
+
+
+class WikiText2(tfds.core.GeneratorBasedBuilder):
+    """WikiText-2, one example ``{"text": line}`` per line of each split file, in file order."""
+
+    name = "gpt2_jax_wikitext2"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "One example per line (newline kept), file order, hash-verified sources."}
+    BUILDER_CONFIGS = list(VARIANTS.values())
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Optional: put wiki.{train,valid,test}.tokens or wikitext-2-v1.zip (raw config: wiki.*.raw or "
+        "wikitext-2-raw-v1.zip) in the manual dir to prepare the dataset without a download.")
+
+    # TFDS 4.9.10 finds this file through the `importlib_resources` backport, which current etils no
+    # longer installs; the answer is simply this module's file.
+    code_path = epath.Path(__file__)
+
+    def __init__(self, *, source: str | os.PathLike | None = None, download_url: str | None = None, **kwargs):
+        self._source = source
+        self._download_url = download_url
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="WikiText-2 language-modelling corpus (Merity et al., 2016), one example per line.",
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            homepage="https://blog.salesforceairesearch.com/the-wikitext-long-term-dependency-language-modeling-dataset/",
+            citation="@article{merity2016pointer, title={Pointer Sentinel Mixture Models}, "
+                     "author={Merity, Stephen and Xiong, Caiming and Bradbury, James and Socher, Richard}, "
+                     "journal={arXiv preprint arXiv:1609.07843}, year={2016}}",
+            disable_shuffling=True,  # keep file order: the splits are read back as continuous text
+        )
+
+    def _split_generators(self, dl_manager):
+        try:
+            manual_dir = dl_manager.manual_dir
+        except AssertionError:  # TFDS: manual dir missing or empty
+            manual_dir = None
+        files = read_source_files(self.builder_config, self._source, manual_dir,
+                                  pathlib.Path(dl_manager.download_dir), self._download_url)
+        return {split: self._generate_examples(files[self.builder_config.file_name(split)]) for split in SPLITS}
+
+    def _generate_examples(self, data: bytes):
+        for i, line in enumerate(split_lines(data.decode("utf-8"))):
+            yield i, {"text": line}
+
+
+def load_split_lines(split: str, data_dir: str | os.PathLike | None = None, *, variant: str = "wikitext-2-v1",
+                     tfds_dir: str | os.PathLike | None = None, download_url: str | None = None) -> list[str]:
+    """Every line of ``split`` (newline kept), read through the TFDS builder (prepared on first use).
+
+    ``data_dir`` (else ``$GPT2_JAX_DATA_DIR``) names the source files; ``tfds_dir`` (default
+    ``<cache>/tfds``) is where the builder keeps its array_record files.
+    """
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    cfg = _variant(variant)
+    source = data_dir if data_dir is not None else (os.environ.get(DATA_DIR_ENV) or None)
+    tfds_dir = pathlib.Path(tfds_dir) if tfds_dir is not None else default_cache_dir() / "tfds"
+    builder = WikiText2(config=cfg.name, data_dir=os.fspath(tfds_dir), source=source, download_url=download_url)
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+    )
+    ds = builder.as_data_source(split=split)
+    records = ds.__getitems__(range(len(ds)))
+    return [r["text"].decode("utf-8") for r in records]
+
+
+def count_words(lines: Sequence[str]) -> int:
+    """Whitespace-separated words per line plus one end-of-line per line (the ``<eos>`` convention)."""
+    return sum(len(line.split()) + 1 for line in lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token streams.
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """The three splits as token streams, with the word and byte counts of the text they encode."""
+
+    tokenizer: Tokenizer
+    tokens: dict  # split -> int32 (n,) stream: EOT, then the split's text
+    words: dict  # split -> words (count_words) of the split's text
+    bytes: dict  # split -> UTF-8 bytes of the split's text (for bits per byte)
+
+
+def encode_stream(tok: Tokenizer, lines: Sequence[str]) -> np.ndarray:
+    """``EOT`` followed by the concatenated encodings of ``lines`` (int32), see the module docstring."""
+    encodings = tok.encode_batch_fast(list(lines), add_special_tokens=False)
+    ids = [np.asarray(e.ids, np.int32) for e in encodings]
+    return np.concatenate([np.asarray([tokenizer_lib.eot_id(tok)], np.int32), *ids])
+
+
+def prepare_corpus(data_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *,
+                   vocab_size: int = 32000, variant: str = "wikitext-2-v1", tokenizer: Tokenizer | None = None,
+                   download_url: str | None = None) -> Corpus:
+    """Lines -> tokenizer (trained on train only, cached) -> token streams (cached by tokenizer fingerprint)."""
+    cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    lines = {s: load_split_lines(s, data_dir, variant=variant, tfds_dir=cache / "tfds", download_url=download_url)
+             for s in SPLITS}
+    tok = tokenizer if tokenizer is not None else tokenizer_lib.load_or_train_tokenizer(
+        lines["train"], cache / "tokenizers", vocab_size)
+    stream_dir = cache / "streams" / f"{variant}-{tokenizer_lib.tokenizer_fingerprint(tok)}"
+    tokens = {}
+    for s in SPLITS:
+        path = stream_dir / f"{s}.npy"
+        if path.is_file():
+            tokens[s] = np.load(path)
+        else:
+            tokens[s] = encode_stream(tok, lines[s])
+            stream_dir.mkdir(parents=True, exist_ok=True)
+            tmp = stream_dir / f".{s}.tmp-{os.getpid()}.npy"
+            np.save(tmp, tokens[s])
+            os.replace(tmp, path)
+        assert tokens[s].dtype == np.int32 and tokens[s].ndim == 1, (path, tokens[s].dtype, tokens[s].shape)
+    return Corpus(
+        tokenizer=tok,
+        tokens=tokens,
+        words={s: count_words(lines[s]) for s in SPLITS},
+        bytes={s: sum(len(line.encode("utf-8")) for line in lines[s]) for s in SPLITS},
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+    """Where the training stream stands: ``step`` batches of epoch ``epoch`` already consumed."""
+
+    epoch: int = 0
+    step: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataPosition":
+        return cls(epoch=int(d["epoch"]), step=int(d["step"]))
+
+
+def _check_layout(batch: int, num_devices: int, process_index: int, process_count: int, what: str) -> None:
+    if num_devices < 1 or process_count < 1 or not 0 <= process_index < process_count:
+        raise UserError(f"bad device layout: num_devices={num_devices}, process {process_index} of {process_count}")
+    if batch < 1 or batch % (num_devices * process_count):
+        raise UserError(f"{what} {batch} is not divisible by {num_devices} local devices x {process_count} processes; "
+                        f"use a multiple of {num_devices * process_count}")
+
+
+def _as_stream(tokens) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    assert tokens.ndim == 1 and np.issubdtype(tokens.dtype, np.integer), (tokens.shape, tokens.dtype)
+    return tokens.astype(np.int32, copy=False)
+
+
+def steps_per_epoch(n_tokens: int, seq_len: int, global_batch: int) -> int:
+    """Full batches of ``seq_len + 1``-token windows in one pass over a stream of ``n_tokens``."""
+    if seq_len < 1:
+        raise UserError(f"seq_len must be >= 1, got {seq_len}")
+    windows = max(n_tokens - 1, 0) // seq_len
+    steps = windows // global_batch
+    if steps < 1:
+        raise UserError(f"the training stream has {n_tokens} tokens, {windows} windows of {seq_len}+1, fewer than "
+                        f"one batch of {global_batch}; lower the batch size or the sequence length")
+    return steps
+
+
+def epoch_window_starts(n_tokens: int, seq_len: int, seed: int, epoch: int) -> np.ndarray:
+    """Start of every training window of ``epoch``, in the order they are consumed (pure in its args).
+
+    Windows tile the stream sharing their boundary token, from an offset drawn in [0, leftover]
+    so the tokens past the last whole window are not always the ones left out.
+    """
+    windows = (n_tokens - 1) // seq_len
+    rng = np.random.default_rng([seed, epoch])
+    offset = rng.integers(0, (n_tokens - 1) - windows * seq_len + 1)
+    return offset + rng.permutation(windows) * seq_len
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
+    return tokens[starts[:, None] + np.arange(seq_len + 1)]
+
+
+def train_batches(tokens, *, seq_len: int, global_batch: int, seed: int, start: DataPosition = DataPosition(),
+                  num_devices: int = 1, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[tuple[DataPosition, dict]]:
+    """Shuffled training batches forever, from ``start``; yields (position AFTER the batch, batch).
+
+    ``batch`` holds int32 ``inputs``/``targets`` and float32 ``mask`` (all ones), each
+    ``(num_devices, global_batch // (num_devices * process_count), seq_len)``. Process ``p``
+    gets rows ``[p * R, (p + 1) * R)`` of each global batch (R rows per process), so stacking the
+    processes' batches in order gives the single-process batch.
+    """
+    tokens = _as_stream(tokens)
+    _check_layout(global_batch, num_devices, process_index, process_count, "global batch size")
+    if seed < 0:
+        raise UserError(f"seed must be >= 0, got {seed}")
+    steps = steps_per_epoch(len(tokens), seq_len, global_batch)
+    if start.epoch < 0 or not 0 <= start.step <= steps:
+        raise UserError(f"data position {start} is outside an epoch of {steps} steps at batch size {global_batch} and "
+                        f"seq_len {seq_len}; resume with the batch size and sequence length the run was started with")
+    rows = global_batch // process_count
+    per_device = rows // num_devices
+
+    def generate():
+        epoch, step = (start.epoch + 1, 0) if start.step == steps else (start.epoch, start.step)
+        while True:
+            starts = epoch_window_starts(len(tokens), seq_len, seed, epoch)
+            for s in range(step, steps):
+                first = s * global_batch + process_index * rows
+                w = _windows(tokens, starts[first:first + rows], seq_len).reshape(num_devices, per_device, seq_len + 1)
+                batch = {"inputs": w[..., :-1], "targets": w[..., 1:],
+                         "mask": np.ones((num_devices, per_device, seq_len), np.float32)}
+                yield (DataPosition(epoch, s + 1) if s + 1 < steps else DataPosition(epoch + 1, 0)), batch
+            epoch, step = epoch + 1, 0
+
+    return generate()
+
+
+def eval_windows(n_tokens: int, seq_len: int, stride: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, first, last) per evaluation window: the window reads tokens[start : start + seq_len + 1]
+    and scores the targets with absolute index in [first, last] (target i = token i given tokens < i).
+
+    stride=None: disjoint windows, the last one partial. stride=s: windows end s targets apart,
+    each scoring its last s targets with up to seq_len - 1 tokens of left context (the first
+    scores all of its own).
+    """
+    if seq_len < 1:
+        raise UserError(f"seq_len must be >= 1, got {seq_len}")
+    if stride is not None and not 1 <= stride <= seq_len:
+        raise UserError(f"eval stride must be in [1, seq_len={seq_len}], got {stride}")
+    n_targets = n_tokens - 1
+    if n_targets < 1:
+        raise UserError(f"a stream of {n_tokens} tokens has nothing to score")
+    if stride is None:
+        starts = np.arange(0, n_targets, seq_len)
+        return starts, starts + 1, np.minimum(starts + seq_len, n_targets)
+    count = 1 + math.ceil(max(n_targets - seq_len, 0) / stride)
+    last = np.minimum(seq_len + stride * np.arange(count), n_targets)
+    first = np.concatenate([[1], last[:-1] + 1])
+    return np.maximum(last - seq_len, 0), first, last
+
+
+def num_eval_batches(n_tokens: int, *, seq_len: int, batch_size: int, num_devices: int = 1, stride: int | None = None,
+                     process_count: int = 1) -> int:
+    """How many batches ``eval_batches`` yields."""
+    _check_layout(batch_size, num_devices, 0, process_count, "eval batch size")
+    return math.ceil(len(eval_windows(n_tokens, seq_len, stride)[0]) / batch_size)
+
+
+def eval_batches(tokens, *, seq_len: int, batch_size: int, num_devices: int = 1, stride: int | None = None,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+    """Batches scoring every target of the stream exactly once over all processes (see ``eval_windows``).
+
+    Same dict and row split as ``train_batches``; the last window is padded (token 0, mask 0),
+    and the last batch is filled with all-masked rows.
+    """
+    tokens = _as_stream(tokens)
+    _check_layout(batch_size, num_devices, process_index, process_count, "eval batch size")
+    starts, first, last = eval_windows(len(tokens), seq_len, stride)
+    rows = batch_size // process_count
+    per_device = rows // num_devices
+    padded = np.concatenate([tokens, np.zeros(seq_len + 1, np.int32)])
+    target_index = np.arange(1, seq_len + 1)
+
+    def generate():
+        for b in range(math.ceil(len(starts) / batch_size)):
+            i = np.arange(b * batch_size + process_index * rows, b * batch_size + (process_index + 1) * rows)
+            real = i < len(starts)
+            i = np.where(real, i, 0)
+            w = _windows(padded, starts[i], seq_len)
+            t = starts[i][:, None] + target_index
+            mask = real[:, None] & (t >= first[i][:, None]) & (t <= last[i][:, None])
+            w = np.where(real[:, None], w, 0)
+            shape = (num_devices, per_device, seq_len)
+            yield {"inputs": w[:, :-1].reshape(shape), "targets": w[:, 1:].reshape(shape),
+                   "mask": mask.astype(np.float32).reshape(shape)}
+
+    return generate()
