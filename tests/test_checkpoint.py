@@ -1,0 +1,174 @@
+"""Run directories: params survive a save/load bitwise, steps are chosen as asked, damage is survived."""
+
+import glob
+import json
+import os
+import pathlib
+import shutil
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2_jax import checkpoint as ckpt
+from gpt2_jax.cli import UserError
+from gpt2_jax.model import init_params
+from gpt2_jax.tokenizer import train_tokenizer, tokenizer_fingerprint
+
+
+@pytest.fixture(scope="module")
+def tok(wikitext_dir):
+    lines = (wikitext_dir / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines()[:400]
+    return train_tokenizer(lines, vocab_size=300)
+
+
+@pytest.fixture
+def cfg(micro_cfg):
+    return micro_cfg.replace(vocab_size=300)
+
+
+def _shifted(params, k: float):
+    return jax.tree.map(lambda p: p + k, params)
+
+
+def _write_run(run_dir, cfg, tok, steps_and_losses, keep=10):
+    """A run whose checkpoint at step s holds init params + s, saved with the given validation losses."""
+    params = init_params(cfg, jax.random.key(0))
+    ckpt.save_params_as_run(run_dir, cfg, params, tok, step=0)
+    manager = ckpt.make_manager(run_dir, keep=keep)
+    for step, val_loss in steps_and_losses:
+        ckpt.save_checkpoint(manager, step, params=_shifted(params, step), opt_state=None,
+                             meta={"step": step}, val_loss=val_loss)
+    manager.wait_until_finished()
+    manager.close()
+    return params
+
+
+def test_save_params_as_run_then_load_run_returns_identical_params_config_and_tokenizer(tmp_path, cfg, tok):
+    params = init_params(cfg, jax.random.key(3))
+    ckpt.save_params_as_run(tmp_path / "run", cfg, params, tok, step=7)
+    run = ckpt.load_run(tmp_path / "run")
+    assert run.cfg == cfg and run.step == 7 and run.run_dir == tmp_path / "run"
+    assert tokenizer_fingerprint(run.tokenizer) == tokenizer_fingerprint(tok)
+    chex.assert_trees_all_equal(jax.device_get(run.params), jax.device_get(params))  # bitwise
+    assert all(np.asarray(x).dtype == np.float32 for x in jax.tree.leaves(run.params))
+
+
+def test_load_run_picks_latest_best_or_the_exact_step_asked(tmp_path, cfg, tok):
+    params = _write_run(tmp_path, cfg, tok, [(10, 5.0), (20, 3.0), (30, None), (40, 4.0)])
+    first_leaf = lambda run: np.asarray(jax.tree.leaves(run.params)[0])  # noqa: E731
+    base = np.asarray(jax.tree.leaves(params)[0])
+    for step, expect in [(None, 40), ("latest", 40), ("best", 20), (30, 30), ("10", 10)]:
+        run = ckpt.load_run(tmp_path, step)
+        assert run.step == expect, step
+        np.testing.assert_array_equal(first_leaf(run), base + expect)
+
+
+def test_only_newest_keep_steps_and_the_best_by_validation_loss_are_kept(tmp_path, cfg, tok):
+    _write_run(tmp_path, cfg, tok, [(10, 5.0), (20, 2.0), (30, None), (40, 4.0), (50, None), (60, 3.0)], keep=2)
+    steps = sorted(int(p.name) for p in (tmp_path / ckpt.CHECKPOINT_DIR).iterdir() if p.name.isdigit())
+    assert steps == [20, 50, 60]  # 0, 10, 30, 40 were neither among the newest 2 nor the best (20)
+
+
+def test_load_run_rejects_missing_dir_unknown_step_and_vocab_mismatch_with_one_line(tmp_path, cfg, tok):
+    _write_run(tmp_path / "run", cfg, tok, [(10, None)])
+    with pytest.raises(UserError, match="does not exist"):
+        ckpt.load_run(tmp_path / "nope")
+    with pytest.raises(UserError, match=r"no checkpoint at step 11; available steps: \[0, 10\]"):
+        ckpt.load_run(tmp_path / "run", 11)
+    with pytest.raises(UserError, match="no checkpoint with a validation loss"):
+        ckpt.load_run(tmp_path / "run", "best")
+    record = json.loads((tmp_path / "run" / ckpt.RUN_FILE).read_text())
+    record["model"]["vocab_size"] = 301
+    ckpt.write_run_json(tmp_path / "run", record)
+    with pytest.raises(UserError, match="tokenizer has 300 tokens but the model expects 301") as e:
+        ckpt.load_run(tmp_path / "run")
+    assert "\n" not in str(e.value)
+
+
+def test_save_params_as_run_never_overwrites_an_existing_run(tmp_path, cfg, tok):
+    params = init_params(cfg, jax.random.key(0))
+    ckpt.save_params_as_run(tmp_path, cfg, params, tok)
+    with pytest.raises(UserError, match="already holds a run"):
+        ckpt.save_params_as_run(tmp_path, cfg, _shifted(params, 1.0), tok)
+    np.testing.assert_array_equal(jax.tree.leaves(ckpt.load_run(tmp_path).params)[0], jax.tree.leaves(params)[0])
+
+
+@pytest.mark.parametrize("damage", ["remove_data_files", "truncate_data_files", "remove_meta"])
+def test_unreadable_latest_checkpoint_is_reported_in_one_line_and_the_previous_used(tmp_path, cfg, tok, damage):
+    _write_run(tmp_path, cfg, tok, [(10, None), (20, None)])
+    step_dir = tmp_path / ckpt.CHECKPOINT_DIR / "20"
+    data_files = glob.glob(str(step_dir / "params" / "d" / "*"))
+    assert data_files, "Orbax layout changed: no params/d/ files to damage"
+    if damage == "remove_data_files":
+        for f in data_files:
+            os.remove(f)
+    elif damage == "truncate_data_files":
+        for f in data_files:
+            os.truncate(f, os.path.getsize(f) // 2)
+    else:
+        shutil.rmtree(step_dir / "meta")
+    warnings = []
+    run = ckpt.load_run(tmp_path, warn=warnings.append)
+    assert run.step == 10
+    assert len(warnings) == 1 and "\n" not in warnings[0] and str(step_dir) in warnings[0], warnings
+    with pytest.raises(UserError, match="step 20 .* is unreadable"):
+        ckpt.load_run(tmp_path, 20)
+
+
+def test_restore_latest_with_quarantine_moves_the_unreadable_step_aside_without_deleting_it(tmp_path, cfg, tok):
+    params = _write_run(tmp_path, cfg, tok, [(10, None), (20, None)])
+    for f in glob.glob(str(tmp_path / ckpt.CHECKPOINT_DIR / "20" / "params" / "d" / "*")):
+        os.remove(f)
+    manager = ckpt.make_manager(tmp_path, keep=3)
+    warnings = []
+    restored = ckpt.restore_latest(manager, params, warn=warnings.append, quarantine=tmp_path / ckpt.CORRUPT_DIR)
+    assert restored.step == 10 and restored.meta == {"step": 10} and restored.opt_state is None
+    assert list(manager.all_steps()) == [0, 10]
+    moved = list((tmp_path / ckpt.CORRUPT_DIR).iterdir())
+    assert [p.name.split("-")[0] for p in moved] == ["20"] and (moved[0] / "meta").is_dir()
+    assert len(warnings) == 1 and "moved to" in warnings[0]
+    # the step can be written again now
+    ckpt.save_checkpoint(manager, 20, params=params, opt_state=None, meta={"step": 20})
+    manager.wait_until_finished()
+    assert list(manager.all_steps()) == [0, 10, 20]
+
+
+def test_a_save_killed_midway_leaves_a_tmp_folder_that_is_never_listed_or_loaded(tmp_path, cfg, tok):
+    _write_run(tmp_path, cfg, tok, [(10, None)])
+    checkpoints = tmp_path / ckpt.CHECKPOINT_DIR
+    # What a kill -9 during a save leaves behind: the step written under Orbax's temporary name.
+    shutil.copytree(checkpoints / "10", checkpoints / "20.orbax-checkpoint-tmp-1700000000000000")
+    assert list(ckpt.make_manager(tmp_path, read_only=True).all_steps()) == [0, 10]
+    assert ckpt.load_run(tmp_path).step == 10
+
+
+def test_state_with_optimizer_namedtuples_round_trips_bitwise(tmp_path, cfg):
+    import optax
+
+    params = init_params(cfg, jax.random.key(1))
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, mask=jax.tree.map(lambda _: True, params)))
+    opt_state = opt.init(params)
+    _, opt_state = opt.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
+    manager = ckpt.make_manager(tmp_path, keep=1)
+    ckpt.save_checkpoint(manager, 1, params=params, opt_state=opt_state, meta={"rng": [1, 2]})
+    manager.wait_until_finished()
+    restored = ckpt.restore_latest(manager, params, opt_state)
+    chex.assert_trees_all_equal(restored.opt_state, opt_state)
+    assert jax.tree.structure(restored.opt_state) == jax.tree.structure(opt_state)
+    assert restored.meta == {"rng": [1, 2]}
+
+
+def test_config_differences_names_each_changed_field_with_both_values():
+    saved = {"model": {"n_layer": 2, "d_model": 32}, "train": {"lr": 1e-3}}
+    now = {"model": {"n_layer": 4, "d_model": 32}, "train": {"lr": 1e-3}}
+    assert ckpt.config_differences(saved, now) == ["model.n_layer: 2 in the run dir, 4 now"]
+    assert ckpt.config_differences(saved, saved) == []
+
+
+def test_read_run_json_of_a_plain_directory_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not a run directory"):
+        ckpt.read_run_json(tmp_path)
+    assert pathlib.Path(tmp_path).is_dir()
