@@ -150,7 +150,12 @@ def _files_in(location: pathlib.Path, cfg: WikiTextConfig) -> dict[str, bytes] |
                 raise DataError(f"archive {location} lacks {', '.join(missing)}; {_offline_hint(cfg)}")
             return {n: zf.read(members[n]) for n in names}
     except (zipfile.BadZipFile, OSError) as e:
-        raise DataError(f"{location} is not a readable zip archive ({e}); {_offline_hint(cfg)}") from None
+        raise DataError(f"{location} is not a readable zip archive ({_first_line(e)}); {_offline_hint(cfg)}") from None
+
+
+def _first_line(e: object) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _verify(files: dict[str, bytes], cfg: WikiTextConfig, where: pathlib.Path | str) -> None:
@@ -174,16 +179,18 @@ def _download(url: str, dest: pathlib.Path, cfg: WikiTextConfig) -> None:
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError, ValueError) as e:
         tmp.unlink(missing_ok=True)
-        reason = getattr(e, "reason", None) or e
+        reason = _first_line(getattr(e, "reason", None) or e)
         raise DataError(f"WikiText-2 is not available locally and downloading {url} failed ({reason}); "
                         f"{_offline_hint(cfg)}") from None
 
 
-def read_source_files(cfg: WikiTextConfig, source: str | os.PathLike | None, manual_dir: pathlib.Path | None,
+def _read_source_files(cfg: WikiTextConfig, source: str | os.PathLike | None, manual_dir: pathlib.Path | None,
                       download_dir: pathlib.Path, url: str | None = None) -> dict[str, bytes]:
     """The verified bytes of the three files: ``source``, else ``manual_dir``, else a download."""
     if source is not None:
         source = pathlib.Path(source).expanduser()
+        if not source.exists():
+            raise DataError(f"data dir {source} does not exist; {_offline_hint(cfg)}")
         files = _files_in(source, cfg)
         if files is None:
             raise DataError(f"{source} holds neither {', '.join(cfg.file_name(s) for s in SPLITS)} nor "
@@ -196,13 +203,12 @@ def read_source_files(cfg: WikiTextConfig, source: str | os.PathLike | None, man
     archive = download_dir / cfg.archive_name
     if not archive.is_file():
         _download(url or cfg.archive_url, archive, cfg)
-    files = _files_in(archive, cfg)
-    if files is None:
-        raise DataError(f"the download {archive} is not the WikiText-2 archive; {_offline_hint(cfg)}")
     try:
+        files = _files_in(archive, cfg)
+        assert files is not None, archive
         _verify(files, cfg, url or cfg.archive_url)
     except DataError:
-        archive.unlink()  # never keep a bad download around to fail again
+        archive.unlink(missing_ok=True)  # never keep a bad download around to fail again
         raise
     return files
 
@@ -257,7 +263,7 @@ class WikiText2(tfds.core.GeneratorBasedBuilder):
             manual_dir = dl_manager.manual_dir
         except AssertionError:  # TFDS: manual dir missing or empty
             manual_dir = None
-        files = read_source_files(self.builder_config, self._source, manual_dir,
+        files = _read_source_files(self.builder_config, self._source, manual_dir,
                                   pathlib.Path(dl_manager.download_dir), self._download_url)
         return {split: self._generate_examples(files[self.builder_config.file_name(split)]) for split in SPLITS}
 
