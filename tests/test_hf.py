@@ -339,3 +339,70 @@ def test_export_never_overwrites_and_vocab_or_merges_tokenizer_matches_transform
     for text in ["Hello world", " The fox<|endoftext|>The dog", "Ünïcödé 日本 ok", "a  b\n\nc"]:
         assert ours.encode(text).ids == theirs(text)["input_ids"], text
     assert ours.encode("x<|endoftext|>").ids[-1] == small_tokenizer.token_to_id(EOT)
+
+
+# ----------------------------------------------------------------------------- generation and CLI
+
+def test_greedy_kv_cache_generate_equals_transformers_token_for_token(tmp_path):
+    from gpt2_jax.sample import generate
+
+    model = _hf_model(seed=7, **HF_CONFIGS["4L-64d-8h-ffn96-eps1e-3"])
+    with torch.no_grad():  # strong position embeddings: a random model's greedy text then varies
+        model.transformer.wpe.weight.mul_(10.0)
+    model.save_pretrained(tmp_path)
+    cfg, params = hf.load_hf(tmp_path)
+    lengths, N = [3, 6, 9], 31  # the longest row ends exactly at the 40-position context
+    prompts_BP = _tokens(cfg.vocab_size, 3, 9, seed=8)
+    ours_BS = np.asarray(generate(params, cfg, prompts_BP, max_new_tokens=N, method="greedy",
+                                  prompt_lengths_B=np.array(lengths)))
+    for b, P in enumerate(lengths):  # transformers on each prompt alone (no padding to trust)
+        theirs_S = model.generate(torch.from_numpy(prompts_BP[b:b + 1, :P].astype(np.int64)),
+                                  attention_mask=torch.ones(1, P, dtype=torch.long), do_sample=False,
+                                  max_new_tokens=N, pad_token_id=0).numpy()[0]
+        assert len(theirs_S) == P + N
+        assert len(set(theirs_S[P:].tolist())) > 5  # a continuation that could actually disagree
+        np.testing.assert_array_equal(ours_BS[b, :P + N], theirs_S)
+
+
+def test_convert_cli_imports_a_run_and_exports_it_back_bit_for_bit(small_tokenizer, tmp_path, capsys):
+    from gpt2_jax import convert
+    from gpt2_jax.checkpoint import load_run
+
+    hf_dir, run_dir, out_dir = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
+    _hf_model(seed=9, **HF_CONFIGS["2L-40d-5h-vocab300-eps1e-2"]).save_pretrained(hf_dir)
+    small_tokenizer.save(str(hf_dir / "tokenizer.json"))
+
+    assert convert.main(["convert", f"--from_hf={hf_dir}", f"--run_dir={run_dir}"]) == 0
+    assert f"into run {run_dir} at step 0" in capsys.readouterr().out
+    run = load_run(run_dir)
+    cfg, params = hf.load_hf(hf_dir)
+    assert run.step == 0 and run.cfg == cfg and run.tokenizer.to_str() == small_tokenizer.to_str()
+    _assert_params_bitwise_equal(run.params, params)
+
+    assert convert.main(["convert", f"--run_dir={run_dir}", f"--to_hf={out_dir}", "--step=0"]) == 0
+    original = safetensors.numpy.load_file(hf_dir / "model.safetensors")
+    exported = safetensors.numpy.load_file(out_dir / "model.safetensors")
+    assert sorted(original) == sorted(exported)
+    for name in original:
+        np.testing.assert_array_equal(exported[name].view(np.uint32), original[name].view(np.uint32), err_msg=name)
+    assert (out_dir / "tokenizer.json").read_text() == small_tokenizer.to_str()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--from_hf=a", "--to_hf=b", "--run_dir=c"], "give exactly one of --from_hf=DIR (import) or --to_hf=DIR"),
+    (["--to_hf=b"], "--run_dir=DIR is required"),
+    (["--from_hf={tiny}", "--run_dir={tmp}/run"], "has no tokenizer.json nor vocab.json + merges.txt"),
+    (["--from_hf={tiny}", "--run_dir={tmp}/run", "--step=3"], "--step only applies to --to_hf"),
+    (["--run_dir={tmp}/missing", "--to_hf={tmp}/out"], "missing does not exist"),
+], ids=["both-directions", "no-run-dir", "no-tokenizer", "step-on-import", "missing-run"])
+def test_convert_cli_mistakes_exit_2_with_one_line(args, message, tiny_hf_dir, tmp_path, capsys):
+    from gpt2_jax import cli, convert
+
+    argv = ["convert"] + [a.format(tiny=tiny_hf_dir, tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as info:
+        cli.run(convert.main, argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert message in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()

@@ -1,0 +1,71 @@
+"""Convert between gpt2_jax run directories and Hugging Face GPT-2 folders.
+
+    python -m gpt2_jax.convert --from_hf=gpt2 --run_dir=runs/gpt2             # import as a run (step 0)
+    python -m gpt2_jax.convert --run_dir=runs/small --to_hf=hf/small [--step=best]   # export
+
+An import writes a run directory that sample, evaluate and train (fine-tuning) read like any
+other; the folder must hold config.json, model.safetensors (or pytorch_model.bin) and a
+tokenizer (tokenizer.json, or vocab.json + merges.txt). An export writes config.json,
+model.safetensors, tokenizer.json and tokenizer_config.json, which
+``transformers.GPT2LMHeadModel.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load.
+Neither direction overwrites anything that exists.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Sequence
+
+from absl import flags
+
+from gpt2_jax import hf
+from gpt2_jax.cli import UserError, parse_flags, run
+from gpt2_jax.config import param_count
+
+
+def define_flags() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("from_hf", None, "Import: Hugging Face GPT-2 folder to read (config.json, "
+                        "model.safetensors or pytorch_model.bin, tokenizer).", flag_values=fv)
+    flags.DEFINE_string("to_hf", None, "Export: folder to write the run's model into as a Hugging Face GPT-2 "
+                        "(created; existing files are never overwritten).", flag_values=fv)
+    flags.DEFINE_string("run_dir", None, "Run directory: written by an import (must be new), read by an export.",
+                        flag_values=fv)
+    flags.DEFINE_string("step", None, "Export only: checkpoint to export, a step number, 'latest' (default) "
+                        "or 'best' (lowest validation loss).", flag_values=fv)
+    return fv
+
+
+def main(argv: Sequence[str]) -> int:
+    fv = parse_flags(define_flags(), argv, __doc__)
+    if bool(fv.from_hf) == bool(fv.to_hf):
+        raise UserError("give exactly one of --from_hf=DIR (import) or --to_hf=DIR (export), with --run_dir=DIR")
+    if not fv.run_dir:
+        raise UserError("--run_dir=DIR is required: the run to write (--from_hf) or to read (--to_hf)")
+
+    if fv.from_hf:
+        if fv.step is not None:
+            raise UserError("--step only applies to --to_hf; an imported model is saved as step 0")
+        from gpt2_jax.checkpoint import save_params_as_run
+
+        cfg, params, tokenizer = hf.load_hf_with_tokenizer(fv.from_hf)
+        source = f"hf:{pathlib.Path(fv.from_hf).resolve()}"
+        save_params_as_run(fv.run_dir, cfg, params, tokenizer, step=0, source=source)
+        print(f"imported {fv.from_hf} ({cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, "
+              f"vocab {cfg.vocab_size}, n_ctx {cfg.n_ctx}, {param_count(cfg):,} parameters) "
+              f"into run {fv.run_dir} at step 0")
+        return 0
+
+    from gpt2_jax.checkpoint import load_run
+
+    step = fv.step
+    if step is not None and step.isdigit():
+        step = int(step)
+    loaded = load_run(fv.run_dir, step)
+    folder = hf.save_hf(loaded.cfg, loaded.params, fv.to_hf, loaded.tokenizer)
+    print(f"exported {loaded.run_dir} step {loaded.step} ({param_count(loaded.cfg):,} parameters) to {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
