@@ -84,8 +84,8 @@ def config_from_hf(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> GPT2Conf
         raise UserError(f"{source}: activation_function={h['activation_function']!r} is not GPT-2's tanh GELU "
                         f"({', '.join(TANH_GELU_NAMES)}); gpt2_jax implements only that one")
     refused = {
-        "scale_attn_by_inverse_layer_idx": "scales attention by 1/(layer+1) (Mistral-style)",
-        "reorder_and_upcast_attn": "reorders and upcasts attention (Mistral-style)",
+        "scale_attn_by_inverse_layer_idx": "scales attention by 1/(layer+1) (Stanford CRFM's Mistral GPT-2s)",
+        "reorder_and_upcast_attn": "reorders and upcasts attention (Stanford CRFM's Mistral GPT-2s)",
         "add_cross_attention": "has encoder-decoder cross-attention",
     }
     for key, what in refused.items():

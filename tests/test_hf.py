@@ -225,6 +225,21 @@ def test_embd_pdrop_different_from_resid_pdrop_warns_and_uses_resid_pdrop():
     assert (cfg.dropout, cfg.attn_dropout, cfg.d_ff, cfg.vocab_size, cfg.n_ctx) == (0.05, 0.0, 128, 50257, 1024)
 
 
+def test_openai_gpt2_config_json_is_the_gpt2_preset():
+    # The fields of openai-community/gpt2's config.json, legacy n_ctx and task settings included.
+    openai = {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+              "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
+              "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12,
+              "n_layer": 12, "n_positions": 1024, "resid_pdrop": 0.1, "summary_activation": None,
+              "summary_first_dropout": 0.1, "summary_proj_to_labels": True, "summary_type": "cls_index",
+              "summary_use_proj": True, "task_specific_params": {"text-generation": {"do_sample": True}},
+              "vocab_size": 50257}
+    assert hf.config_from_hf(openai) == GPT2Config.preset("gpt2")
+    assert hf.config_to_hf(GPT2Config.preset("gpt2"), eot_id=50256).items() >= {
+        k: openai[k] for k in ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size", "layer_norm_epsilon",
+                               "activation_function", "bos_token_id", "eos_token_id", "model_type")}.items()
+
+
 REFUSALS = {
     "relu": (dict(activation_function="relu"), "activation_function='relu' is not GPT-2's tanh GELU"),
     "exact-gelu": (dict(activation_function="gelu"), "activation_function='gelu' is not GPT-2's tanh GELU"),
