@@ -507,3 +507,41 @@ def eval_batches(tokens, *, seq_len: int, batch_size: int, num_devices: int = 1,
                    "mask": mask.astype(np.float32).reshape(shape)}
 
     return generate()
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: prepare everything ahead of training and print what was prepared.
+
+
+def main(argv: Sequence[str]) -> None:
+    import time
+
+    from absl import flags
+
+    from gpt2_jax.cli import parse_flags
+
+    fv = flags.FlagValues()
+    flags.DEFINE_string("data_dir", None, f"folder with wiki.*.tokens or the zip archive, or the archive itself "
+                        f"(default ${DATA_DIR_ENV}, then TFDS's manual dir, then a download)", flag_values=fv)
+    flags.DEFINE_string("cache_dir", None, f"where the prepared dataset, tokenizer and token streams are kept "
+                        f"(default ${CACHE_ENV} or ~/.cache/gpt2_jax)", flag_values=fv)
+    flags.DEFINE_integer("vocab_size", 32000, "BPE vocabulary size, <|endoftext|> included", flag_values=fv)
+    flags.DEFINE_enum("variant", "wikitext-2-v1", list(VARIANTS), "WikiText-2 variant", flag_values=fv)
+    parse_flags(fv, argv, "Prepare WikiText-2 (TFDS builder, BPE tokenizer, token streams) and print its sizes.")
+    tfds.disable_progress_bar()
+    t0 = time.perf_counter()
+    corpus = prepare_corpus(fv.data_dir, fv.cache_dir, vocab_size=fv.vocab_size, variant=fv.variant)
+    seconds = time.perf_counter() - t0
+    tok = corpus.tokenizer
+    print(f"tokenizer: {tokenizer_lib.num_tokens(tok)} tokens, fingerprint {tokenizer_lib.tokenizer_fingerprint(tok)}")
+    for s in SPLITS:
+        n = len(corpus.tokens[s])
+        print(f"{s:<10} {n - 1:>10,} text tokens (+1 leading EOT) {corpus.words[s]:>10,} words "
+              f"{corpus.bytes[s]:>11,} bytes  {corpus.bytes[s] / (n - 1):.2f} bytes/token")
+    print(f"prepared in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    from gpt2_jax.cli import run
+
+    run(main)

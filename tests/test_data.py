@@ -280,3 +280,12 @@ def test_eval_on_validation_scores_every_text_token_once(corpus):
 def test_bad_eval_stride_is_a_user_error():
     with pytest.raises(UserError, match=r"eval stride must be in \[1, seq_len=8\], got 9"):
         data.num_eval_batches(100, seq_len=8, batch_size=4, stride=9)
+
+
+def test_prepare_cli_prints_the_sizes_of_what_it_prepared(corpus, wikitext_dir, cache_dir, capsys):
+    data.main(["data", f"--data_dir={wikitext_dir}", f"--cache_dir={cache_dir}"])
+    out = capsys.readouterr().out
+    assert f"fingerprint {tokenizer_lib.tokenizer_fingerprint(corpus.tokenizer)}" in out
+    for split in data.SPLITS:
+        assert f"{len(corpus.tokens[split]) - 1:,} text tokens" in out
+        assert f"{corpus.words[split]:,} words" in out

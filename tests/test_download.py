@@ -164,3 +164,18 @@ def test_data_dir_lacking_the_files_is_an_error_not_a_download(tmp_path):
         data.load_split_lines("train", empty, tfds_dir=tmp_path / "tfds")
     with pytest.raises(data.DataError, match=r"does not exist.*--data_dir=FOLDER"):
         data.load_split_lines("train", tmp_path / "typo", tfds_dir=tmp_path / "tfds")
+
+
+def test_raw_variant_asks_for_its_own_files_and_archive(tmp_path):
+    with pytest.raises(data.DataError) as e:
+        data.load_split_lines("train", tmp_path, variant="wikitext-2-raw-v1", tfds_dir=tmp_path / "tfds")
+    assert ("put wiki.train.raw, wiki.valid.raw, wiki.test.raw (or wikitext-2-raw-v1.zip from "
+            "https://wikitext.smerity.com/wikitext-2-raw-v1.zip)") in str(e.value)
+
+
+def test_raw_variant_rejects_the_tokenized_files_under_raw_names(wikitext_dir, tmp_path):
+    for name in FILES:
+        shutil.copy(wikitext_dir / name, tmp_path / name.replace(".tokens", ".raw"))
+    with pytest.raises(data.DataError, match=r"wiki\.train\.raw from .* has SHA1 .*not the known-good "
+                                             r"d33faf256327882db0edc7c67cd098d1051a2112 of wikitext-2-raw-v1"):
+        data.load_split_lines("train", tmp_path, variant="wikitext-2-raw-v1", tfds_dir=tmp_path / "tfds")
