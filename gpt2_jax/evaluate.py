@@ -1,0 +1,212 @@
+"""Honest perplexities: every token of a split scored exactly once.
+
+    python -m gpt2_jax.evaluate --run_dir=runs/tiny --split=test [--step=N|best] [--stride=64]
+
+Reports, as one JSON line (last on stdout) and a JSON file in the run dir:
+  * ``mean_nll``      mean next-token negative log-likelihood (nats per token)
+  * ``token_ppl``     exp(mean_nll), the report's measure; depends on the tokenizer
+  * ``word_ppl``      exp(total NLL / words), words counted as whitespace-split words plus one
+                      end-of-line per line (what WikiText-2 papers report; tokenizer-independent)
+  * ``bits_per_byte`` total NLL / (ln 2 · UTF-8 bytes of the scored text)
+  * ``windows``       "disjoint" (each window starts fresh) or "sliding" (``stride`` new tokens per
+                      window, each scored with up to ``seq_len - 1`` tokens of left context)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from gpt2_jax import cli
+from gpt2_jax.config import GPT2Config
+from gpt2_jax.model import forward, token_nll
+
+SPLIT_ALIASES = {"train": "train", "valid": "validation", "validation": "validation", "test": "test"}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    split: str
+    nll_sum: float
+    tokens: int
+    words: int
+    bytes: int
+    seq_len: int
+    stride: int | None
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens
+
+    @property
+    def token_ppl(self) -> float:
+        return math.exp(self.mean_nll)
+
+    @property
+    def word_ppl(self) -> float:
+        return math.exp(self.nll_sum / self.words)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll_sum / (math.log(2) * self.bytes)
+
+    def to_dict(self) -> dict:
+        return {
+            "split": self.split, "mean_nll": self.mean_nll, "token_ppl": self.token_ppl,
+            "word_ppl": self.word_ppl, "bits_per_byte": self.bits_per_byte, "nll_sum": self.nll_sum,
+            "tokens": self.tokens, "words": self.words, "bytes": self.bytes, "seq_len": self.seq_len,
+            "windows": "disjoint" if self.stride is None else "sliding", "stride": self.stride,
+        }
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def batch_nll_sum(params, cfg: GPT2Config, inputs_BT, targets_BT, mask_BT):
+    """(sum of masked token NLL, number of scored tokens) for one batch, deterministic forward."""
+    nll_BT = token_nll(forward(params, cfg, inputs_BT), targets_BT)
+    mask_BT = mask_BT.astype(jnp.float32)
+    return (nll_BT * mask_BT).sum(), mask_BT.sum()
+
+
+def score_tokens(params, cfg: GPT2Config, tokens: np.ndarray, *, seq_len: int | None = None,
+                 batch_size: int = 32, stride: int | None = None, progress=None) -> tuple[float, int]:
+    """Total NLL (float64, summed on the host) and count over every target token of ``tokens``."""
+    from gpt2_jax.data import eval_batches, num_eval_batches
+
+    seq_len = cfg.n_ctx if seq_len is None else seq_len
+    total, count = 0.0, 0
+    batches = eval_batches(tokens, seq_len=seq_len, batch_size=batch_size, stride=stride)
+    if progress is not None:
+        batches = progress(batches, total=num_eval_batches(len(tokens), seq_len=seq_len, batch_size=batch_size,
+                                                           stride=stride))
+    pending = []
+    for batch in batches:
+        flat = {k: v.reshape(-1, v.shape[-1]) for k, v in batch.items()}  # (N=1, b, T) -> (b, T)
+        pending.append(batch_nll_sum(params, cfg, flat["inputs"], flat["targets"], flat["mask"]))
+        if len(pending) >= 8:  # fetch in groups: keeps the device busy without unbounded queues
+            total, count = _drain(pending, total, count)
+    total, count = _drain(pending, total, count)
+    return total, count
+
+
+def _drain(pending, total, count):
+    for s, n in jax.device_get(pending):
+        total += float(s)
+        count += int(round(float(n)))
+    pending.clear()
+    return total, count
+
+
+def evaluate_split(params, cfg: GPT2Config, corpus, split: str, *, seq_len: int | None = None,
+                   batch_size: int = 32, stride: int | None = None, progress=None) -> EvalResult:
+    """Score one split of a ``data.Corpus`` and return its perplexities."""
+    split = SPLIT_ALIASES[split]
+    tokens = corpus.tokens[split]
+    seq_len = cfg.n_ctx if seq_len is None else seq_len
+    nll_sum, count = score_tokens(params, cfg, tokens, seq_len=seq_len, batch_size=batch_size, stride=stride,
+                                  progress=progress)
+    # The stream is EOT + the split's text: every token after the first is scored exactly once.
+    assert count == len(tokens) - 1, (count, len(tokens))
+    return EvalResult(split=split, nll_sum=nll_sum, tokens=count, words=corpus.words[split],
+                      bytes=corpus.bytes[split], seq_len=seq_len, stride=stride)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+DESCRIPTION = __doc__
+
+
+def _define_flags() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("run_dir", None, "Run directory written by gpt2_jax.train (or gpt2_jax.convert).",
+                        flag_values=fv)
+    flags.DEFINE_string("hf_dir", None, "Evaluate a Hugging Face GPT-2 folder (config.json + model.safetensors "
+                        "+ tokenizer) instead of a run directory.", flag_values=fv)
+    flags.DEFINE_string("split", "test", "Split to score: train, valid (alias validation) or test.", flag_values=fv)
+    flags.DEFINE_string("data_dir", os.environ.get("GPT2_JAX_DATA_DIR"),
+                        "Folder with wiki.{train,valid,test}.tokens or the archive (default $GPT2_JAX_DATA_DIR).",
+                        flag_values=fv)
+    flags.DEFINE_string("step", None, "Checkpoint step to evaluate: a number, 'latest' (default) or 'best'.",
+                        flag_values=fv)
+    flags.DEFINE_integer("stride", None, "Sliding-window evaluation: score this many new tokens per window, each "
+                         "with up to seq_len-1 tokens of context. Default: disjoint windows.", flag_values=fv)
+    flags.DEFINE_integer("seq_len", None, "Window length (default: the model's context).", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "Windows per forward pass.", flag_values=fv)
+    flags.DEFINE_string("output", None, "Where to save the JSON (default: <run_dir>/eval_<split>_<step>.json).",
+                        flag_values=fv)
+    flags.DEFINE_bool("quiet", False, "No progress bar.", flag_values=fv)
+    return fv
+
+
+def _load_model(fv):
+    """(cfg, params, tokenizer, step label, folder for outputs) from --run_dir or --hf_dir."""
+    if bool(fv.run_dir) == bool(fv.hf_dir):
+        raise cli.UserError("give exactly one of --run_dir=DIR or --hf_dir=DIR")
+    if fv.hf_dir:
+        from gpt2_jax import hf
+
+        cfg, params, tokenizer = hf.load_hf_with_tokenizer(fv.hf_dir)
+        return cfg, params, tokenizer, "hf", pathlib.Path(fv.hf_dir)
+    from gpt2_jax.checkpoint import load_run
+
+    step = fv.step
+    if step is not None and step.isdigit():
+        step = int(step)
+    run = load_run(fv.run_dir, step)
+    return run.cfg, run.params, run.tokenizer, run.step, pathlib.Path(fv.run_dir)
+
+
+def main(argv: Sequence[str]) -> int:
+    fv = cli.parse_flags(_define_flags(), argv, DESCRIPTION)
+    if fv.split not in SPLIT_ALIASES:
+        raise cli.UserError(f"--split={fv.split!r} is not a split; use train, valid (or validation) or test")
+    if fv.stride is not None and fv.stride < 1:
+        raise cli.UserError(f"--stride must be >= 1, got {fv.stride}")
+    if fv.batch_size < 1:
+        raise cli.UserError(f"--batch_size must be >= 1, got {fv.batch_size}")
+    cfg, params, tokenizer, step, out_dir = _load_model(fv)
+    seq_len = fv.seq_len or cfg.n_ctx
+    if not 2 <= seq_len <= cfg.n_ctx:
+        raise cli.UserError(f"--seq_len must be between 2 and the model's context {cfg.n_ctx}, got {seq_len}")
+    if fv.stride is not None and fv.stride > seq_len:
+        raise cli.UserError(f"--stride={fv.stride} must not exceed the window length {seq_len}")
+
+    from gpt2_jax.data import prepare_corpus
+    from gpt2_jax.tokenizer import check_vocab_matches
+
+    check_vocab_matches(tokenizer, cfg)
+    corpus = prepare_corpus(fv.data_dir, tokenizer=tokenizer)
+    progress = None
+    if not fv.quiet:
+        from tqdm import tqdm
+
+        progress = functools.partial(tqdm, desc=f"eval {fv.split}", unit="batch", file=sys.stderr)
+    t0 = time.time()
+    result = evaluate_split(params, cfg, corpus, fv.split, seq_len=seq_len, batch_size=fv.batch_size,
+                            stride=fv.stride, progress=progress)
+    record = {"step": step, **result.to_dict(), "seconds": round(time.time() - t0, 2),
+              "source": str(fv.run_dir or fv.hf_dir)}
+    suffix = "" if fv.stride is None else f"_stride{fv.stride}"
+    out = pathlib.Path(fv.output) if fv.output else out_dir / f"eval_{result.split}_{step}{suffix}.json"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as e:
+        print(f"warning: could not save {out}: {e}", file=sys.stderr)
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
