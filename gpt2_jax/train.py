@@ -1,0 +1,503 @@
+"""Train GPT-2 on WikiText-2: ``python -m gpt2_jax.train --size=tiny --run_dir=runs/tiny``.
+
+The pure core, for research code that builds its own loop::
+
+    train_cfg = TrainConfig(lr=6e-4, batch_size=32)
+    optimizer, schedule = make_optimizer(train_cfg, total_steps), make_schedule(train_cfg, total_steps)
+    state = init_train_state(cfg, optimizer, jax.random.PRNGKey(0))
+    step = jax.pmap(make_train_step(cfg, optimizer, schedule), axis_name=AXIS, in_axes=(0, 0, None))
+    state_N, metrics_N = step(replicate(state), batch_NBT, dropout_key)
+
+(``axis_name=None`` gives a step for a single device under plain ``jax.jit``.)
+
+The shell, ``main``: flags, data, the run directory (see ``gpt2_jax.checkpoint``), a loop with
+per-epoch progress bars, per-step metrics, evaluation, the loss plot, Orbax checkpoints and
+signals. Re-running the same command in the same ``--run_dir`` resumes from the newest complete
+checkpoint, bit for bit on the same devices: the state, the dropout key and the data position are
+all in the checkpoint, and every step's randomness is derived from (seed, step, device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+from flax.jax_utils import replicate, unreplicate
+from jax import lax
+
+from gpt2_jax import checkpoint as ckpt
+from gpt2_jax import data
+from gpt2_jax import metrics as metrics_lib
+from gpt2_jax import tokenizer as tokenizer_lib
+from gpt2_jax.cli import UserError, parse_flags, run
+from gpt2_jax.config import PRESETS, GPT2Config
+from gpt2_jax.model import forward, init_params, token_nll
+
+AXIS = "devices"  # the pmap axis: one entry per local device
+
+
+# ================================================================ pure core
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the optimisation trajectory (a run dir refuses a different one)."""
+
+    batch_size: int = 32  # global: sequences per step over all devices
+    epochs: int = 5
+    max_steps: int | None = None  # stop before the last epoch ends (the LR schedule then ends here too)
+    lr: float = 6e-4  # peak learning rate
+    warmup_steps: int = 100  # linear from 0 to lr, then cosine down to lr * final_lr_fraction
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.1  # decoupled (AdamW), on matrices only: see decay_mask
+    grad_clip: float = 1.0  # global gradient norm; 0 disables
+    b1: float = 0.9
+    b2: float = 0.95  # GPT-3's; steadier than 0.999 when the loss drops fast early on
+    eps: float = 1e-8
+    seed: int = 0  # parameters, dropout and data order
+
+    def __post_init__(self):
+        positive = {"batch_size": self.batch_size, "epochs": self.epochs, "lr": self.lr}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
+        if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
+            raise ValueError(f"Adam betas must be in [0, 1), got b1={self.b1}, b2={self.b2}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def total_steps(train_cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Steps the run takes: all epochs, or ``max_steps`` if that comes first."""
+    n = train_cfg.epochs * steps_per_epoch
+    return n if train_cfg.max_steps is None else min(n, train_cfg.max_steps)
+
+
+def make_schedule(train_cfg: TrainConfig, num_steps: int) -> optax.Schedule:
+    """Learning rate at each step: linear warmup 0 -> lr, then cosine to ``lr * final_lr_fraction`` at ``num_steps``."""
+    if not 0 <= train_cfg.warmup_steps < num_steps:
+        raise ValueError(f"warmup_steps={train_cfg.warmup_steps} must be smaller than the {num_steps} training steps")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train_cfg.lr, warmup_steps=train_cfg.warmup_steps,
+        decay_steps=num_steps, end_value=train_cfg.lr * train_cfg.final_lr_fraction)
+
+
+def decay_mask(params) -> Any:
+    """True for the parameters weight decay applies to: every Dense kernel and both embedding tables.
+
+    Biases and LayerNorm scales/offsets are not decayed: they shift and rescale activations, and
+    pulling them to 0 regularises nothing (a LayerNorm scale at 0 switches its layer off).
+    Embeddings ARE decayed, as in GPT-3 and nanoGPT: ``wte`` is also the tied output projection
+    (a matrix that produces the logits like any kernel), and on a corpus as small as WikiText-2,
+    where the model overfits within a few epochs, the extra pull on rarely seen token rows helps.
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("kernel", "embedding"), params)
+
+
+def make_optimizer(train_cfg: TrainConfig, num_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (decoupled weight decay on ``decay_mask``) on ``make_schedule``."""
+    clip = optax.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip > 0 else optax.identity()
+    return optax.chain(
+        clip,
+        optax.adamw(make_schedule(train_cfg, num_steps), b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+                    weight_decay=train_cfg.weight_decay, mask=decay_mask),
+    )
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What a step changes: a pytree, so it can be replicated, donated and checkpointed whole."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32 scalar: updates applied so far
+
+
+def init_train_state(cfg: GPT2Config, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    params = init_params(cfg, rng)
+    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+
+Batch = dict  # {"inputs": int32 (B, T), "targets": int32 (B, T), "mask": float32 (B, T)} per device
+
+
+def step_rng(rng: jax.Array, step: jax.Array, axis_name: str | None = AXIS) -> jax.Array:
+    """The dropout key of ``step`` on this device: ``fold_in(fold_in(rng, step), device index)``."""
+    rng = jax.random.fold_in(rng, step)
+    return rng if axis_name is None else jax.random.fold_in(rng, lax.axis_index(axis_name))
+
+
+def make_train_step(cfg: GPT2Config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
+                    axis_name: str | None = AXIS) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
+    """``train_step(state, batch, rng) -> (state, metrics)``: one AdamW update on the masked mean next-token loss.
+
+    ``rng`` is the run's dropout key; the step's key is ``fold_in(fold_in(rng, step), device)``,
+    so dropout differs per step and per device and a resumed run draws exactly the same masks.
+    Under ``jax.pmap(..., axis_name=axis_name)`` every device sees its rows of the global batch
+    and all devices end with identical states and metrics (all-reduced).
+    """
+
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]:
+        inputs_BT, targets_BT, mask_BT = batch["inputs"], batch["targets"], batch["mask"]
+        chex.assert_rank(inputs_BT, 2)
+        chex.assert_equal_shape([inputs_BT, targets_BT, mask_BT])
+        tokens = mask_BT.sum()
+        if axis_name is not None:
+            tokens = lax.psum(tokens, axis_name)
+        rng = step_rng(rng, state.step, axis_name)
+
+        def loss_fn(params):
+            logits_BTV = forward(params, cfg, inputs_BT, deterministic=False, rng=rng)
+            # This device's NLL sum over the GLOBAL number of scored tokens: summed over devices it
+            # is exactly the global masked mean (and so is its gradient) however the masks differ,
+            # where a pmean of per-device means would weigh a half-masked device like a full one.
+            return (token_nll(logits_BTV, targets_BT) * mask_BT).sum() / jnp.maximum(tokens, 1.0)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        if axis_name is not None:
+            loss, grads = lax.psum((loss, grads), axis_name)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),  # before clipping
+            "param_norm": optax.global_norm(params),  # non-finite as soon as the state is
+            "lr": schedule(state.step),
+            "tokens": tokens,
+        }
+        return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    return train_step
+
+
+def make_eval_step(cfg: GPT2Config, *, axis_name: str | None = AXIS) -> Callable[[Any, Batch], dict]:
+    """``eval_step(params, batch) -> {"nll_sum", "tokens"}`` summed over the batch (and devices): exact means."""
+
+    def eval_step(params, batch: Batch) -> dict:
+        logits_BTV = forward(params, cfg, batch["inputs"], deterministic=True)
+        mask_BT = batch["mask"]
+        out = {"nll_sum": (token_nll(logits_BTV, batch["targets"]) * mask_BT).sum(), "tokens": mask_BT.sum()}
+        return lax.psum(out, axis_name) if axis_name is not None else out
+
+    return eval_step
+
+
+def evaluate(p_eval_step: Callable, params_N, batches: Iterable[Batch]) -> tuple[float, float]:
+    """(total NLL in nats, scored tokens) of a pmapped ``eval_step`` over ``batches``, summed in float64."""
+    outs = [p_eval_step(params_N, b) for b in batches]  # dispatched back to back, fetched once
+    host = jax.device_get(outs)
+    nll = math.fsum(float(o["nll_sum"][0]) for o in host)
+    tokens = math.fsum(float(o["tokens"][0]) for o in host)
+    return nll, tokens
+
+
+# ================================================================ the shell: flags and the loop
+
+
+def _define_flags() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    d = TrainConfig()
+    flags.DEFINE_enum("size", "tiny", list(PRESETS), "model preset (see python -m gpt2_jax.config)", flag_values=fv)
+    flags.DEFINE_string("run_dir", None, "run directory: config, tokenizer, checkpoints, metrics, plot. "
+                        "Re-running the same command in it resumes the run", flag_values=fv)
+    flags.DEFINE_string("data_dir", os.environ.get(data.DATA_DIR_ENV),
+                        f"folder with wiki.{{train,valid,test}}.tokens (default ${data.DATA_DIR_ENV})", flag_values=fv)
+    flags.DEFINE_string("cache_dir", None, f"prepared data, tokenizers and token streams "
+                        f"(default ${data.CACHE_ENV} or ~/.cache/gpt2_jax)", flag_values=fv)
+    flags.DEFINE_integer("epochs", d.epochs, "passes over the training split", flag_values=fv)
+    flags.DEFINE_integer("max_steps", None, "stop after this many steps (the LR schedule is fitted to the "
+                         "shorter run)", flag_values=fv)
+    flags.DEFINE_integer("batch_size", d.batch_size, "global batch in sequences, split over the local devices "
+                         "(must be divisible by their number)", flag_values=fv)
+    flags.DEFINE_integer("eval_batch_size", None, "evaluation batch (default: --batch_size)", flag_values=fv)
+    flags.DEFINE_float("lr", d.lr, "peak learning rate", flag_values=fv)
+    flags.DEFINE_integer("warmup_steps", d.warmup_steps, "linear warmup steps before the cosine decay", flag_values=fv)
+    flags.DEFINE_float("final_lr_fraction", d.final_lr_fraction, "the cosine ends at lr times this", flag_values=fv)
+    flags.DEFINE_float("weight_decay", d.weight_decay, "AdamW decoupled weight decay (kernels and embeddings; "
+                       "not biases or LayerNorm)", flag_values=fv)
+    flags.DEFINE_float("grad_clip", d.grad_clip, "clip the global gradient norm to this (0 = off)", flag_values=fv)
+    flags.DEFINE_float("b2", d.b2, "Adam's second-moment decay", flag_values=fv)
+    flags.DEFINE_integer("seed", d.seed, "seed of the parameters, dropout and data order", flag_values=fv)
+    flags.DEFINE_float("dropout", None, "dropout on embeddings, residual branches and attention "
+                       "(default: the preset's, 0.1)", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (parameters stay float32)",
+                      flag_values=fv)
+    flags.DEFINE_boolean("remat", False, "recompute activations in the backward pass (less memory)", flag_values=fv)
+    for name, help_ in (("vocab_size", "BPE vocabulary"), ("n_ctx", "context = training sequence length"),
+                        ("n_layer", "layers"), ("d_model", "model width"), ("n_head", "attention heads"),
+                        ("d_ff", "feed-forward width")):
+        flags.DEFINE_integer(name, None, f"override the preset's {help_}", flag_values=fv)
+    flags.DEFINE_integer("eval_every", 250, "evaluate on the validation split every this many steps "
+                         "(and at every epoch end and the last step)", flag_values=fv)
+    flags.DEFINE_integer("ckpt_every", 500, "save a checkpoint every this many steps (and at every epoch end, "
+                         "every evaluation and the last step)", flag_values=fv)
+    flags.DEFINE_integer("keep", 3, "checkpoints kept: the newest this many plus the best by validation loss",
+                         flag_values=fv)
+    flags.DEFINE_integer("log_every", 10, "fetch metrics from the devices every this many steps (each step is "
+                         "still written)", flag_values=fv)
+    flags.DEFINE_boolean("quiet", False, "no progress bars or eval lines, only warnings, errors and a summary",
+                         flag_values=fv)
+    return fv
+
+
+def configs_from_flags(fv: flags.FlagValues) -> tuple[GPT2Config, TrainConfig]:
+    overrides = {k: fv[k].value for k in ("vocab_size", "n_ctx", "n_layer", "d_model", "n_head", "d_ff")
+                 if fv[k].value is not None}
+    if fv.dropout is not None:
+        overrides.update(dropout=fv.dropout, attn_dropout=fv.dropout)
+    try:
+        cfg = GPT2Config.preset(fv.size, dtype=fv.dtype, remat=fv.remat, **overrides)
+        train_cfg = TrainConfig(batch_size=fv.batch_size, epochs=fv.epochs, max_steps=fv.max_steps, lr=fv.lr,
+                                warmup_steps=fv.warmup_steps, final_lr_fraction=fv.final_lr_fraction,
+                                weight_decay=fv.weight_decay, grad_clip=fv.grad_clip, b2=fv.b2, seed=fv.seed)
+    except ValueError as e:
+        raise UserError(f"{e} (see --help)") from None
+    return cfg, train_cfg
+
+
+class _StopRequest:
+    """Signal handler that only records the signal; the loop saves and exits at the end of its step."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    def __call__(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once, unsaved
+
+
+class _Diverged(Exception):
+    pass
+
+
+def _check_divisible(what: str, n: int, devices: int) -> None:
+    if n % devices:
+        raise UserError(f"--{what}={n} is not divisible by the {devices} local devices; use a multiple of {devices}")
+
+
+def main(argv: Sequence[str]) -> int:
+    fv = parse_flags(_define_flags(), argv, __doc__)
+    if not fv.run_dir:
+        raise UserError("--run_dir is required: the folder that holds (or will hold) the run")
+    for name in ("eval_every", "ckpt_every", "keep", "log_every"):
+        if fv[name].value < 1:
+            raise UserError(f"--{name} must be >= 1, got {fv[name].value}")
+    cfg, train_cfg = configs_from_flags(fv)
+    run_dir = pathlib.Path(fv.run_dir)
+    devices = jax.local_devices()
+    n_dev = len(devices)
+    eval_batch = fv.eval_batch_size or train_cfg.batch_size
+    _check_divisible("batch_size", train_cfg.batch_size, n_dev)
+    _check_divisible("eval_batch_size", eval_batch, n_dev)
+    say = (lambda *a: None) if fv.quiet else functools.partial(print, file=sys.stderr)
+    import absl.logging  # Orbax logs routine progress through absl at WARNING
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+
+    # ---- the run directory: a new run, or the same config resumed
+    record = {"model": cfg.to_dict(), "train": train_cfg.to_dict()}
+    resuming = (run_dir / ckpt.RUN_FILE).exists()
+    tok = None
+    if resuming:
+        saved = ckpt.read_run_json(run_dir)
+        diffs = ckpt.config_differences({k: saved.get(k) for k in record}, record)
+        if diffs:
+            more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+            raise UserError(f"{run_dir} belongs to a different config: {diffs[0]}{more}; use a new --run_dir "
+                            f"or the flags it was started with")
+        tok = tokenizer_lib.load_tokenizer(run_dir / ckpt.TOKENIZER_FILE)
+    corpus = data.prepare_corpus(fv.data_dir, fv.cache_dir, vocab_size=cfg.vocab_size, tokenizer=tok)
+    tokenizer_lib.check_vocab_matches(corpus.tokenizer, cfg)
+    spe = data.steps_per_epoch(len(corpus.tokens["train"]), cfg.n_ctx, train_cfg.batch_size)
+    num_steps = total_steps(train_cfg, spe)
+    if train_cfg.warmup_steps >= num_steps:
+        raise UserError(f"--warmup_steps={train_cfg.warmup_steps} must be smaller than the {num_steps} training "
+                        f"steps; lower it or raise --max_steps/--epochs")
+    if not resuming:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer_lib.save_tokenizer(corpus.tokenizer, run_dir / ckpt.TOKENIZER_FILE)
+        ckpt.write_run_json(run_dir, {**record, "steps_per_epoch": spe, "total_steps": num_steps,
+                                      "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": list(argv)})
+
+    schedule = make_schedule(train_cfg, num_steps)
+    optimizer = make_optimizer(train_cfg, num_steps)
+    params_key, dropout_key = jax.random.split(jax.random.PRNGKey(train_cfg.seed))
+    init = functools.partial(init_train_state, cfg, optimizer)
+    abstract = jax.eval_shape(init, params_key)
+    manager = ckpt.make_manager(run_dir, keep=fv.keep)
+    try:
+        restored = ckpt.restore_latest(manager, abstract.params, abstract.opt_state,
+                                       quarantine=run_dir / ckpt.CORRUPT_DIR)
+        if restored is None:
+            state, position, rng = jax.jit(init)(params_key), data.DataPosition(), dropout_key
+        else:
+            state = TrainState(params=restored.params, opt_state=restored.opt_state,
+                               step=jnp.asarray(restored.step, jnp.int32))
+            position = data.DataPosition.from_dict(restored.meta["data_position"])
+            rng = jnp.asarray(restored.meta["rng"], jnp.uint32)
+            assert position == data.DataPosition(*divmod(restored.step, spe)), (position, restored.step, spe)
+            say(f"resuming {run_dir} from step {restored.step} (epoch {restored.step / spe:.2f})")
+        return _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, state, position, rng,
+                      spe, num_steps, eval_batch, devices, say)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+
+
+def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, state, position, rng,
+           spe, num_steps, eval_batch, devices, say) -> int:
+    from tqdm import tqdm
+
+    n_dev = len(devices)
+    step = int(state.step)
+    metrics_path, evals_path = run_dir / ckpt.METRICS_FILE, run_dir / ckpt.EVALS_FILE
+    for path in (metrics_path, evals_path):
+        metrics_lib.drop_records_after(path, step)  # written after the checkpoint, recomputed identically below
+    step_records = metrics_lib.read_jsonl(metrics_path)
+    eval_records = metrics_lib.read_jsonl(evals_path)
+
+    p_train = jax.pmap(make_train_step(cfg, optimizer, schedule), axis_name=AXIS, in_axes=(0, 0, None),
+                       donate_argnums=(0,), devices=devices)
+    p_eval = jax.pmap(make_eval_step(cfg), axis_name=AXIS, devices=devices)
+    state_N = replicate(state, devices, axis_name=AXIS)  # the sharding pmap returns: no recompile at step 2
+    del state
+    batches = data.train_batches(corpus.tokens["train"], seq_len=cfg.n_ctx, global_batch=train_cfg.batch_size,
+                                 seed=train_cfg.seed, start=position, num_devices=n_dev)
+
+    def run_eval(split: str) -> dict:
+        nll, tokens = evaluate(p_eval, state_N.params, data.eval_batches(
+            corpus.tokens[split], seq_len=cfg.n_ctx, batch_size=eval_batch, num_devices=n_dev))
+        assert tokens == len(corpus.tokens[split]) - 1, (tokens, len(corpus.tokens[split]))  # each target once
+        since = max([r["step"] for r in eval_records if r["split"] == "validation" and r["step"] < step], default=0)
+        recent = [r["loss"] for r in step_records if since < r["step"] <= step]
+        rec = {"step": step, "epoch": step / spe, "split": split, "loss": nll / tokens, "ppl": math.exp(nll / tokens),
+               "word_ppl": math.exp(nll / corpus.words[split]),
+               "bits_per_byte": nll / (math.log(2) * corpus.bytes[split]), "tokens": int(tokens),
+               "train_loss": float(np.mean(recent)) if recent else None}
+        eval_records.append(rec)
+        metrics_lib.append_jsonl(evals_path, [rec])
+        metrics_lib.plot_losses(step_records, eval_records, run_dir / ckpt.PLOT_FILE, steps_per_epoch=spe,
+                                vocab_size=cfg.vocab_size, title=f"{run_dir.name}: {fv.size}, batch "
+                                f"{train_cfg.batch_size}x{cfg.n_ctx}, lr {train_cfg.lr:g}")
+        say(f"step {step} (epoch {step / spe:.2f}): {split} loss {rec['loss']:.4f}, ppl {rec['ppl']:.2f}, "
+            f"word ppl {rec['word_ppl']:.2f}")
+        return rec
+
+    pending: list[tuple[int, dict]] = []  # dispatched steps whose metrics are still on the devices
+    clock = [time.perf_counter()]
+
+    def flush(keep_last: bool) -> None:
+        """Fetch pending metrics (all, or all but the newest so the device queue never drains)."""
+        take = pending[:-1] if keep_last else pending[:]
+        if not take:
+            return
+        del pending[:len(take)]
+        host = jax.device_get([m for _, m in take])
+        now = time.perf_counter()
+        tokens = sum(float(m["tokens"][0]) for m in host)
+        tps = tokens / max(now - clock[0], 1e-9)
+        clock[0] = now
+        recs = [{"step": s, "epoch": s / spe, **{k: float(v[0]) for k, v in m.items() if k != "tokens"},
+                 "tokens_per_s": tps} for (s, _), m in zip(take, host)]
+        step_records.extend(recs)
+        metrics_lib.append_jsonl(metrics_path, recs)
+        bad = [r for r in recs if not all(math.isfinite(r[k]) for k in ("loss", "grad_norm", "param_norm"))]
+        if bad:
+            raise _Diverged(bad[0])
+        if bar is not None:
+            bar.set_postfix(loss=f"{recs[-1]['loss']:.3f}", lr=f"{recs[-1]['lr']:.2e}", tok_s=f"{tps:,.0f}")
+
+    def save(val_loss: float | None) -> None:
+        ckpt.save_checkpoint(manager, step, params=unreplicate(state_N.params), opt_state=unreplicate(state_N.opt_state),
+                             meta={"step": step, "data_position": position.to_dict(), "rng": np.asarray(rng).tolist(),
+                                   "num_devices": n_dev}, val_loss=val_loss)
+
+    stop = _StopRequest()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    bar = None
+    try:
+        while step < num_steps:
+            epoch = step // spe
+            if bar is None:
+                in_epoch = min(spe, num_steps - epoch * spe)
+                bar = tqdm(total=in_epoch, initial=step - epoch * spe, desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
+                           unit="step", disable=fv.quiet, dynamic_ncols=True, file=sys.stderr)
+                clock[0] = time.perf_counter()
+            position, batch = next(batches)
+            state_N, m = p_train(state_N, batch, rng)
+            step += 1
+            pending.append((step, m))
+            bar.update(1)
+            epoch_end, last = step % spe == 0, step == num_steps
+            do_eval = step % fv.eval_every == 0 or epoch_end or last
+            do_save = do_eval or step % fv.ckpt_every == 0 or stop.signal is not None
+            if do_eval or do_save:
+                flush(keep_last=False)  # a checkpoint is only written after its losses are seen finite
+            elif len(pending) > fv.log_every:
+                flush(keep_last=True)
+            val_loss = run_eval("validation")["loss"] if do_eval else None
+            if do_save:
+                save(val_loss)
+            if do_eval:
+                clock[0] = time.perf_counter()  # evaluation and saving are not training throughput
+            if stop.signal is not None:
+                bar.close()
+                manager.wait_until_finished()
+                print(f"stopped by {stop.signal} at step {step}: checkpoint saved in {run_dir}; "
+                      f"run the same command to resume", file=sys.stderr)
+                return 0
+            if epoch_end or last:
+                bar.close()
+                bar = None
+    except _Diverged as e:
+        if bar is not None:
+            bar.close()
+        manager.wait_until_finished()
+        r = e.args[0]
+        good = manager.latest_step()
+        kept = f"the last good checkpoint, step {good}, is kept" if good is not None else "no checkpoint was saved"
+        raise UserError(f"training diverged at step {r['step']} (loss {r['loss']}, grad norm {r['grad_norm']}, "
+                        f"param norm {r['param_norm']}); stopped, {kept} in {run_dir}; "
+                        f"lower --lr (now {train_cfg.lr:g}) or raise --warmup_steps") from None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    # ---- the end: the last step's validation (done in the loop unless resumed right here) and the test split
+    done = {(r["split"], r["step"]) for r in eval_records}
+    val = next(r for r in reversed(eval_records) if r["split"] == "validation") if ("validation", step) in done \
+        else run_eval("validation")
+    test = next(r for r in reversed(eval_records) if r["split"] == "test") if ("test", step) in done \
+        else run_eval("test")
+    manager.wait_until_finished()
+    last_tps = next((r["tokens_per_s"] for r in reversed(step_records)), float("nan"))
+    print(f"done: {step} steps ({step / spe:.2f} epochs); validation loss {val['loss']:.4f} (ppl {val['ppl']:.2f}), "
+          f"test loss {test['loss']:.4f} (ppl {test['ppl']:.2f}, word ppl {test['word_ppl']:.2f}); "
+          f"{last_tps:,.0f} tokens/s; plot {run_dir / ckpt.PLOT_FILE}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
