@@ -1,0 +1,581 @@
+"""Text generation: one-pass prefill, a KV-cache decode loop under ``lax.scan``, pure samplers.
+
+    prompt ─► prefill (ONE forward pass, fills the cache) ─► lax.scan over
+              [ sample next token ─► decode_step (write its k/v at its position) ]
+
+Everything numerical is a pure, jit-able function of arrays; ``generate`` runs the whole
+prefill + scan as ONE compiled function. Static (a new value compiles again): the config, the
+method, ``max_new_tokens``, the batch size and the prompt's *bucket* (its length rounded up to a
+power of two, at least 16, at most ``n_ctx``), so a new prompt length in the same bucket reuses the
+compiled function. Dynamic (change freely): parameters, prompt tokens and lengths, rng,
+temperature, top_k, top_p, eos_id.
+
+Sampling (``filter_logits`` is the definition): logits are divided by the temperature FIRST, then
+top-k keeps exactly the k largest (ties go to the lower token id), then top-p keeps the smallest
+prefix of the remaining tokens, by decreasing probability, whose cumulative probability reaches
+p, the token that crosses p included. Temperature 0 is greedy (argmax, ties to the lower id).
+
+Beyond the context (learned positions stop at ``n_ctx``), a row slides its window: the window
+holds the tokens the model sees, at positions 0..; when a new token does not fit (the window
+already holds ``n_ctx`` tokens), the window restarts as the row's last ``slide_keep`` tokens
+(default ``n_ctx // 2``), re-prefilled in one pass, and decoding continues from there. So after
+the first slide every prediction sees between ``slide_keep`` and ``n_ctx`` tokens, for the cost of one
+``slide_keep``-token prefill every ``n_ctx - slide_keep + 1`` tokens. ``slide_keep=n_ctx`` is the exact
+sliding window (always the last ``n_ctx`` tokens), at the price of a full ``n_ctx``-token forward pass
+per token. A prompt longer than ``n_ctx`` starts from its last ``n_ctx`` tokens.
+
+CLI: ``python -m gpt2_jax.sample --run_dir=runs/small --method=nucleus --prompt="The man jumped"``
+(``--help`` lists the flags). One sequence is streamed as it is produced, several are printed one
+by one, ``--method=all`` prints greedy, top-k and nucleus side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import shutil
+import sys
+import textwrap
+import time
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from gpt2_jax.cli import UserError, parse_flags, run
+from gpt2_jax.config import GPT2Config
+from gpt2_jax.model import GPT2, KVCache, init_cache, init_params
+
+METHODS = ("greedy", "top_k", "nucleus", "top_k_nucleus")  # top_k_nucleus: top-k, then top-p
+MIN_BUCKET = 16  # shortest prompt bucket: lengths 1..16 share one compilation
+
+
+# ─── samplers: pure functions of (logits, rng, settings) ───────────────────────────────────────
+
+def filter_logits(logits_BV: jax.Array, *, temperature=1.0, top_k=None, top_p=None) -> jax.Array:
+    """``logits / temperature`` with every token outside top-k, then outside top-p, set to -inf.
+
+    ``top_k``/``top_p`` may be traced scalars (no recompilation when they change); ``None`` skips
+    that filter. ``temperature`` must be > 0 here (``sample_logits`` handles 0 as greedy).
+    """
+    scaled_BV = logits_BV.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+    if top_k is None and top_p is None:
+        return scaled_BV
+    B, V = scaled_BV.shape
+    # One stable sort serves both filters: rank 0 is the most likely token, ties by lower id.
+    order_BV = jnp.argsort(scaled_BV, axis=-1, descending=True, stable=True)
+    sorted_BV = jnp.take_along_axis(scaled_BV, order_BV, axis=-1)
+    keep_BV = jnp.ones((B, V), bool)
+    if top_k is not None:
+        keep_BV = jnp.arange(V)[None, :] < top_k
+    if top_p is not None:
+        probs_BV = jax.nn.softmax(jnp.where(keep_BV, sorted_BV, -jnp.inf), axis=-1)
+        cum_BV = jnp.cumsum(probs_BV, axis=-1)
+        mass_before_BV = jnp.concatenate([jnp.zeros((B, 1), cum_BV.dtype), cum_BV[:, :-1]], axis=-1)
+        keep_BV &= mass_before_BV < top_p  # keeps the token that crosses p: the mass BEFORE it is < p
+    kept_sorted_BV = jnp.where(keep_BV, sorted_BV, -jnp.inf)
+    return jnp.put_along_axis(jnp.empty_like(scaled_BV), order_BV, kept_sorted_BV, axis=-1, inplace=False)
+
+
+def sample_greedy(logits_BV: jax.Array) -> jax.Array:
+    """The most likely token of each row (ties: lowest id)."""
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+
+def sample_logits(logits_BV: jax.Array, rng: jax.Array, *, method: str, temperature=1.0, top_k=50,
+                  top_p=0.9) -> jax.Array:
+    """One token per row by ``method`` (see ``METHODS``); temperature 0 means greedy.
+
+    Only the settings the method uses are read (``top_k`` for top_k/top_k_nucleus, ``top_p`` for
+    nucleus/top_k_nucleus). Rows draw independent noise from the one ``rng``.
+    """
+    assert method in METHODS, method
+    if method == "greedy":
+        return sample_greedy(logits_BV)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    filtered_BV = filter_logits(
+        logits_BV,
+        temperature=jnp.where(temperature > 0, temperature, 1.0),
+        top_k=top_k if method in ("top_k", "top_k_nucleus") else None,
+        top_p=top_p if method in ("nucleus", "top_k_nucleus") else None,
+    )
+    sampled_B = jax.random.categorical(rng, filtered_BV, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled_B, sample_greedy(logits_BV))
+
+
+def sample_top_k(logits_BV: jax.Array, rng: jax.Array, *, top_k, temperature=1.0) -> jax.Array:
+    """Sample among the ``top_k`` most likely tokens (exactly k; ties to the lower id)."""
+    return sample_logits(logits_BV, rng, method="top_k", temperature=temperature, top_k=top_k)
+
+
+def sample_nucleus(logits_BV: jax.Array, rng: jax.Array, *, top_p, temperature=1.0, top_k=None) -> jax.Array:
+    """Nucleus sampling (Holtzman et al. 2020), optionally inside the ``top_k`` first."""
+    method = "nucleus" if top_k is None else "top_k_nucleus"
+    return sample_logits(logits_BV, rng, method=method, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+# ─── decoding: prefill, decode_step, the scanned loop ──────────────────────────────────────────
+
+def prefill(params, cfg: GPT2Config, cache: KVCache, prompt_BP: jax.Array, lengths_B: jax.Array):
+    """Run a right-padded prompt through the model in ONE pass, writing cache slots 0..P-1.
+
+    Returns ``(next_logits_BV, cache)``: row b's prediction after its ``lengths_B[b]`` tokens.
+    Padding writes garbage to slots >= length; decoding overwrites each slot before any query
+    can see it (a query attends to slots <= its own position).
+    """
+    B, P = prompt_BP.shape
+    chex.assert_shape(lengths_B, (B,))
+    assert P <= cfg.n_ctx, (P, cfg.n_ctx)
+    logits_BPV, cache = GPT2(cfg).apply({"params": params}, prompt_BP, cache=cache)
+    next_logits_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    return next_logits_BV, cache
+
+
+def decode_step(params, cfg: GPT2Config, cache: KVCache, token_B: jax.Array, position_B: jax.Array):
+    """Feed one token per row at its own position; returns ``(logits_BV, cache)``."""
+    chex.assert_equal_shape([token_B, position_B])
+    logits_B1V, cache = GPT2(cfg).apply(
+        {"params": params}, token_B[:, None], positions_BT=position_B[:, None], cache=cache)
+    return logits_B1V[:, 0], cache
+
+
+class Sampling(NamedTuple):
+    """The dynamic sampler settings, as arrays so that new values reuse the compiled loop."""
+
+    temperature: jax.Array  # float32 scalar, 0 = greedy
+    top_k: jax.Array  # int32 scalar
+    top_p: jax.Array  # float32 scalar
+    eos_id: jax.Array  # int32 scalar, -1 = never stop
+
+
+def sampling_settings(*, temperature=1.0, top_k=50, top_p=0.9, eos_id=None) -> Sampling:
+    return Sampling(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+                    jnp.int32(-1 if eos_id is None else eos_id))
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode loop carries from one token to the next (a pytree)."""
+
+    cache: KVCache
+    logits_BV: jax.Array  # each row's prediction for its next token
+    position_B: jax.Array  # tokens in the row's current window = position the next token takes
+    history_BS: jax.Array  # each row's tokens from its first window's start on (right-padded)
+    length_B: jax.Array  # tokens held in history_BS
+    done_B: jax.Array  # the row has emitted eos_id; it now emits eos_id forever
+    rng: jax.Array
+
+
+def start_decoding(params, cfg: GPT2Config, window_BW: jax.Array, lengths_B: jax.Array, rng: jax.Array, *,
+                   capacity: int) -> DecodeState:
+    """Prefill the (right-padded, <= n_ctx) prompt windows; room for ``capacity`` new tokens."""
+    B, W = window_BW.shape
+    logits_BV, cache = prefill(params, cfg, init_cache(cfg, B), window_BW, lengths_B)
+    history_BS = jnp.zeros((B, W + capacity), jnp.int32).at[:, :W].set(window_BW)
+    return DecodeState(cache, logits_BV, lengths_B, history_BS, lengths_B, jnp.zeros((B,), bool), rng)
+
+
+def advance_decoding(params, cfg: GPT2Config, state: DecodeState, sampling: Sampling, *, method: str,
+                     num_steps: int, slide_keep: int) -> tuple[DecodeState, jax.Array]:
+    """Sample ``num_steps`` tokens per row (``lax.scan``); returns ``(state, new_tokens_BN)``.
+
+    The caller guarantees ``history_BS`` has room for them (``start_decoding``'s capacity).
+    """
+    assert 1 <= slide_keep <= cfg.n_ctx, (slide_keep, cfg.n_ctx)
+    B = state.length_B.shape[0]
+    rows_B = jnp.arange(B)
+
+    def slide(args):
+        # Rows whose window is full restart from their last `slide_keep` tokens (the new one included).
+        logits_BV, cache, position_B, history_BS, length_B, full_B = args
+        idx_BW = length_B[:, None] - slide_keep + jnp.arange(slide_keep)[None, :]
+        window_BW = jnp.take_along_axis(history_BS, jnp.maximum(idx_BW, 0), axis=1)
+        re_logits_BV, re_cache = prefill(params, cfg, cache, window_BW, jnp.full((B,), slide_keep, jnp.int32))
+        pick = lambda new, old: jnp.where(full_B.reshape((B,) + (1,) * (old.ndim - 1)), new, old)
+        return (pick(re_logits_BV, logits_BV), jax.tree_util.tree_map(pick, re_cache, cache),
+                jnp.where(full_B, slide_keep, position_B))
+
+    def step(state: DecodeState) -> tuple[DecodeState, jax.Array]:
+        rng, key = jax.random.split(state.rng)
+        token_B = sample_logits(state.logits_BV, key, method=method, temperature=sampling.temperature,
+                                top_k=sampling.top_k, top_p=sampling.top_p)
+        token_B = jnp.where(state.done_B, sampling.eos_id, token_B)
+        done_B = state.done_B | (token_B == sampling.eos_id)
+        history_BS = state.history_BS.at[rows_B, state.length_B].set(token_B)
+        length_B = state.length_B + 1
+        # Feed the token. A full window's row writes nowhere useful (clamped) and is slid below.
+        full_B = state.position_B >= cfg.n_ctx
+        logits_BV, cache = decode_step(params, cfg, state.cache, token_B, jnp.minimum(state.position_B, cfg.n_ctx - 1))
+        position_B = state.position_B + 1
+        logits_BV, cache, position_B = jax.lax.cond(
+            jnp.any(full_B), slide, lambda args: args[:3],
+            (logits_BV, cache, position_B, history_BS, length_B, full_B))
+        return DecodeState(cache, logits_BV, position_B, history_BS, length_B, done_B, rng), token_B
+
+    def finished(state: DecodeState) -> tuple[DecodeState, jax.Array]:
+        return state, jnp.full((B,), sampling.eos_id, jnp.int32)
+
+    def body(state, _):
+        # Once every row has stopped, the remaining steps cost nothing but this test.
+        return jax.lax.cond(jnp.all(state.done_B), finished, step, state)
+
+    state, tokens_NB = jax.lax.scan(body, state, None, length=num_steps)
+    return state, tokens_NB.T
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "slide_keep"))
+def _generate_jit(params, window_BW, lengths_B, rng, sampling, *, cfg, method, max_new_tokens, slide_keep):
+    """Prefill + the whole decode loop: ONE compiled function per (cfg, method, N, bucket, B)."""
+    state = start_decoding(params, cfg, window_BW, lengths_B, rng, capacity=max_new_tokens)
+    _, new_BN = advance_decoding(params, cfg, state, sampling, method=method, num_steps=max_new_tokens,
+                                 slide_keep=slide_keep)
+    return new_BN
+
+
+_start_jit = jax.jit(start_decoding, static_argnames=("cfg", "capacity"))
+_advance_jit = jax.jit(advance_decoding, static_argnames=("cfg", "method", "num_steps", "slide_keep"))
+
+
+# ─── the host-side entry points: validation, bucketing, assembling the output ──────────────────
+
+def bucket_length(length: int, n_ctx: int) -> int:
+    """The padded prompt width: the next power of two >= length, at least MIN_BUCKET, at most n_ctx."""
+    assert 1 <= length <= n_ctx, (length, n_ctx)
+    return min(n_ctx, max(MIN_BUCKET, 1 << (length - 1).bit_length()))
+
+
+def check_sampling_args(cfg: GPT2Config, *, method: str, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int = 50, top_p: float = 0.9, eos_id: int | None = None,
+                        slide_keep: int | None = None) -> None:
+    """UserError (one line) for settings that make no sense; only the ones ``method`` uses are checked."""
+    if method not in METHODS:
+        raise UserError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not max_new_tokens >= 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if method != "greedy" and not temperature >= 0:
+        raise UserError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if method in ("top_k", "top_k_nucleus") and not 1 <= top_k <= cfg.vocab_size:
+        raise UserError(f"top_k must be between 1 and the vocabulary size {cfg.vocab_size}, got {top_k}")
+    if method in ("nucleus", "top_k_nucleus") and not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+        raise UserError(f"eos_id must be a token id in [0, {cfg.vocab_size}), got {eos_id}")
+    if slide_keep is not None and not 1 <= slide_keep <= cfg.n_ctx:
+        raise UserError(f"slide_keep must be between 1 and n_ctx={cfg.n_ctx}, got {slide_keep}")
+
+
+def prompt_windows(cfg: GPT2Config, prompt_BP, prompt_lengths_B=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Check a right-padded prompt batch; return ``(window_BW, window_lengths_B, lengths_B)``.
+
+    A row's window is its last min(length, n_ctx) tokens, right-padded with 0 to the bucket W.
+    """
+    prompt_BP = np.asarray(prompt_BP)
+    if prompt_BP.ndim != 2 or prompt_BP.shape[0] == 0:
+        raise UserError(f"prompt must be a (batch, length) array of token ids, got shape {prompt_BP.shape}")
+    if not np.issubdtype(prompt_BP.dtype, np.integer):
+        raise UserError(f"prompt must hold integer token ids, got dtype {prompt_BP.dtype}")
+    B, P = prompt_BP.shape
+    lengths_B = np.full((B,), P) if prompt_lengths_B is None else np.asarray(prompt_lengths_B)
+    if lengths_B.shape != (B,) or not np.issubdtype(lengths_B.dtype, np.integer):
+        raise UserError(f"prompt_lengths must be {B} integers, one per row, got {lengths_B!r}")
+    if P == 0 or lengths_B.min() < 1:
+        raise UserError("empty prompt: every row needs at least one token")
+    if lengths_B.max() > P:
+        raise UserError(f"prompt_lengths {lengths_B.tolist()} exceed the prompt width {P}")
+    valid_BP = np.arange(P)[None, :] < lengths_B[:, None]
+    if np.any(valid_BP & ((prompt_BP < 0) | (prompt_BP >= cfg.vocab_size))):
+        raise UserError(f"prompt has token ids outside the model's vocabulary [0, {cfg.vocab_size})")
+    window_lengths_B = np.minimum(lengths_B, cfg.n_ctx)
+    W = bucket_length(int(window_lengths_B.max()), cfg.n_ctx)
+    window_BW = np.zeros((B, W), np.int32)
+    for b in range(B):
+        window_BW[b, :window_lengths_B[b]] = prompt_BP[b, lengths_B[b] - window_lengths_B[b]:lengths_B[b]]
+    return window_BW, window_lengths_B.astype(np.int32), lengths_B.astype(np.int32)
+
+
+def _rng_or_default(rng) -> jax.Array:
+    return jax.random.PRNGKey(0) if rng is None else rng
+
+
+def generate(params, cfg: GPT2Config, prompt_BP, *, max_new_tokens: int, method: str = "greedy",
+             top_k: int = 50, top_p: float = 0.9, temperature: float = 1.0, rng: jax.Array | None = None,
+             prompt_lengths_B=None, eos_id: int | None = None, slide_keep: int | None = None) -> jax.Array:
+    """Continue each prompt row by ``max_new_tokens`` tokens; returns int32 ``out_BS``, S = P + N.
+
+    Row b is its ``prompt_lengths_B[b]`` prompt tokens (default: all P), then its N new tokens,
+    then padding (``eos_id``, or 0 without it) up to S. With ``eos_id``, a row that emits it keeps
+    emitting it. ``rng`` defaults to ``PRNGKey(0)``; ``slide_keep`` to ``n_ctx // 2`` (module doc).
+    """
+    window_BW, window_lengths_B, lengths_B = prompt_windows(cfg, prompt_BP, prompt_lengths_B)
+    slide_keep = cfg.n_ctx // 2 if slide_keep is None else slide_keep
+    check_sampling_args(cfg, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, eos_id=eos_id, slide_keep=slide_keep)
+    new_BN = _generate_jit(
+        params, jnp.asarray(window_BW), jnp.asarray(window_lengths_B), _rng_or_default(rng),
+        sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id),
+        cfg=cfg, method=method, max_new_tokens=max_new_tokens, slide_keep=slide_keep)
+    return jnp.asarray(join_continuations(np.asarray(prompt_BP), lengths_B, np.asarray(new_BN),
+                                          pad_id=0 if eos_id is None else eos_id))
+
+
+def join_continuations(prompt_BP: np.ndarray, lengths_B: np.ndarray, new_BN: np.ndarray, *, pad_id: int) -> np.ndarray:
+    """Each row's prompt tokens followed by its new tokens, right-padded with ``pad_id``."""
+    B, P = prompt_BP.shape
+    N = new_BN.shape[1]
+    out_BS = np.full((B, P + N), pad_id, np.int32)
+    for b in range(B):
+        out_BS[b, :lengths_B[b]] = prompt_BP[b, :lengths_B[b]]
+        out_BS[b, lengths_B[b]:lengths_B[b] + N] = new_BN[b]
+    return out_BS
+
+
+def stream_generate(params, cfg: GPT2Config, prompt_BP, *, max_new_tokens: int, chunk_size: int = 8,
+                    method: str = "greedy", top_k: int = 50, top_p: float = 0.9, temperature: float = 1.0,
+                    rng: jax.Array | None = None, prompt_lengths_B=None, eos_id: int | None = None,
+                    slide_keep: int | None = None) -> Iterator[np.ndarray]:
+    """``generate``'s new tokens as they are produced: yields ``chunk_BC`` arrays (the last may be shorter).
+
+    Same settings and seed give the same tokens as ``generate``. Each chunk is one call of the
+    same compiled ``chunk_size``-step loop; with ``eos_id`` it stops once every row has emitted it.
+    """
+    window_BW, window_lengths_B, _ = prompt_windows(cfg, prompt_BP, prompt_lengths_B)
+    slide_keep = cfg.n_ctx // 2 if slide_keep is None else slide_keep
+    check_sampling_args(cfg, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, eos_id=eos_id, slide_keep=slide_keep)
+    if chunk_size < 1:
+        raise UserError(f"chunk_size must be >= 1, got {chunk_size}")
+    num_chunks = -(-max_new_tokens // chunk_size)
+    sampling = sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
+    state = _start_jit(params, cfg, jnp.asarray(window_BW), jnp.asarray(window_lengths_B), _rng_or_default(rng),
+                       capacity=num_chunks * chunk_size)
+    produced = 0
+    for _ in range(num_chunks):
+        state, chunk_BC = _advance_jit(params, cfg, state, sampling, method=method, num_steps=chunk_size,
+                                       slide_keep=slide_keep)
+        chunk_BC = np.asarray(chunk_BC)[:, :max_new_tokens - produced]
+        produced += chunk_BC.shape[1]
+        yield chunk_BC
+        if bool(state.done_B.all()):
+            return
+
+
+# ─── benchmark (importable; ``gpt2_jax.bench`` calls it) ──────────────────────────────────────
+
+def time_generate(params, cfg: GPT2Config, *, batch_size: int, prompt_length: int, max_new_tokens: int,
+                  method: str = "greedy", top_k: int = 50, top_p: float = 0.9, temperature: float = 1.0,
+                  slide_keep: int | None = None, repeats: int = 3, seed: int = 0) -> dict[str, float]:
+    """Wall-clock of ``generate``'s compiled function: compile seconds and new tokens per second.
+
+    Random prompts of ``prompt_length`` tokens; the best of ``repeats`` timed runs (after the
+    compile) counts, so noise from other processes inflates the time the least.
+    """
+    prompt_BP = jax.random.randint(jax.random.PRNGKey(seed), (batch_size, prompt_length), 0, cfg.vocab_size)
+    window_BW, window_lengths_B, _ = prompt_windows(cfg, np.asarray(prompt_BP))
+    slide_keep = cfg.n_ctx // 2 if slide_keep is None else slide_keep
+    check_sampling_args(cfg, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, slide_keep=slide_keep)
+    args = (params, jnp.asarray(window_BW), jnp.asarray(window_lengths_B), jax.random.PRNGKey(seed),
+            sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p))
+    static = dict(cfg=cfg, method=method, max_new_tokens=max_new_tokens, slide_keep=slide_keep)
+    t0 = time.perf_counter()
+    compiled = _generate_jit.lower(*args, **static).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(*args))  # warm-up (allocations)
+    run_s = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        run_s.append(time.perf_counter() - t0)
+    best = min(run_s)
+    return {"compile_s": compile_s, "run_s": best, "new_tokens_per_s": batch_size * max_new_tokens / best,
+            "batch_size": batch_size, "prompt_length": prompt_length, "max_new_tokens": max_new_tokens}
+
+
+# ─── CLI ───────────────────────────────────────────────────────────────────────────────────────
+
+DESCRIPTION = """Sample text from a trained run: greedy, top-k, nucleus (or all three side by side).
+
+  python -m gpt2_jax.sample --run_dir=runs/small --method=nucleus --prompt="The man jumped" \\
+      --max_new_tokens=60 --top_p=0.9 --temperature=1.0 --num_samples=3 --seed=0
+"""
+
+CLI_METHODS = ("greedy", "top_k", "nucleus", "top_k_nucleus", "all")
+ALL_METHODS = ("greedy", "top_k", "nucleus")  # what --method=all compares, as the report does
+STREAM_CHUNK = 8  # tokens per streamed print: one host round trip per chunk, invisible next to decoding
+
+
+def define_flags() -> flags.FlagValues:
+    """The sampler's flags on a private FlagValues (a tool extending the CLI adds its own here)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("run_dir", None, "Training run directory (run.json, tokenizer.json, checkpoints/).",
+                        flag_values=fv)
+    flags.DEFINE_string("step", "latest", "Checkpoint to load: a step number, 'latest' (newest complete) "
+                        "or 'best' (lowest validation loss).", flag_values=fv)
+    flags.DEFINE_enum("method", "nucleus", CLI_METHODS, "Decoding method; 'all' prints greedy, top_k and "
+                      "nucleus side by side; top_k_nucleus applies top-k then top-p.", flag_values=fv)
+    flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for several prompts.",
+                              flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 60, "Tokens to generate after each prompt.", flag_values=fv)
+    flags.DEFINE_integer("top_k", 50, "top_k: sample among the k most likely tokens.", flag_values=fv)
+    flags.DEFINE_float("top_p", 0.9, "nucleus: sample among the smallest set of most likely tokens whose "
+                       "probability reaches p (the token crossing p included).", flag_values=fv)
+    flags.DEFINE_float("temperature", 1.0, "Divides the logits before any filtering; 0 means greedy.",
+                       flag_values=fv)
+    flags.DEFINE_integer("num_samples", 1, "Samples per prompt (and method).", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same text.", flag_values=fv)
+    flags.DEFINE_bool("stop_at_eos", True, "Stop a sample at the end-of-text token.", flag_values=fv)
+    flags.DEFINE_integer("slide_keep", None, "Beyond the context, tokens a sliding window keeps "
+                         "(default n_ctx // 2; n_ctx = exact sliding window, slowest).", flag_values=fv)
+    return fv
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    cfg: GPT2Config
+    params: Any
+    tokenizer: Any  # tokenizers.Tokenizer
+    eos_id: int | None  # the end-of-text token, if the tokenizer has one
+    description: str  # shown in the header: where the weights came from
+
+
+def _parse_step(text: str) -> int | str:
+    if text in ("latest", "best"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise UserError(f"--step must be a step number, 'latest' or 'best', got {text!r}")
+
+
+def _load_model(fv: flags.FlagValues) -> LoadedModel:
+    """Weights, config and tokenizer named by the flags (the one place other sources plug in)."""
+    from gpt2_jax import checkpoint, tokenizer  # CLI-only imports: research code needs neither
+
+    if not fv.run_dir:
+        raise UserError("--run_dir is required: the training run to sample from (e.g. --run_dir=runs/small)")
+    loaded = checkpoint.load_run(fv.run_dir, _parse_step(fv.step))  # checks tokenizer vs model vocab
+    return LoadedModel(loaded.cfg, loaded.params, loaded.tokenizer, loaded.tokenizer.token_to_id(tokenizer.EOT),
+                       f"{loaded.run_dir} step {loaded.step}")
+
+
+def _decode(tok, ids: Sequence[int]) -> str:
+    return tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _trim(new_N: np.ndarray, eos_id: int | None) -> np.ndarray:
+    """The continuation up to (not including) the first end-of-text."""
+    if eos_id is None:
+        return new_N
+    stops = np.flatnonzero(new_N == eos_id)
+    return new_N[:stops[0]] if stops.size else new_N
+
+
+def _method_label(method: str, fv: flags.FlagValues) -> str:
+    settings = {"greedy": "", "top_k": f"k={fv.top_k}", "nucleus": f"p={fv.top_p}",
+                "top_k_nucleus": f"k={fv.top_k}, p={fv.top_p}"}[method]
+    if method != "greedy":
+        settings += f", T={fv.temperature}"
+    return f"{method} ({settings})" if settings else method
+
+
+def side_by_side(columns: dict[str, str], width: int) -> str:
+    """Texts as wrapped columns under their titles, separated by ' │ '."""
+    n = len(columns)
+    col_w = max(20, (width - 3 * (n - 1)) // n)
+    wrapped = [textwrap.wrap(text, col_w, break_long_words=False) or [""] for text in columns.values()]
+    lines = [" │ ".join(title.ljust(col_w) for title in columns), "─┼─".join("─" * col_w for _ in columns)]
+    for row in itertools.zip_longest(*wrapped, fillvalue=""):
+        lines.append(" │ ".join(cell.ljust(col_w) for cell in row).rstrip())
+    return "\n".join(lines)
+
+
+def _generate_rows(model: LoadedModel, prompts_ids: list[list[int]], fv, method: str, rng) -> list[np.ndarray]:
+    """Each prompt × num_samples as one padded batch; returns each row's trimmed continuation."""
+    rows = [ids for ids in prompts_ids for _ in range(fv.num_samples)]
+    lengths_B = np.array([len(r) for r in rows])
+    prompt_BP = np.zeros((len(rows), lengths_B.max()), np.int32)
+    for b, r in enumerate(rows):
+        prompt_BP[b, :len(r)] = r
+    eos_id = model.eos_id if fv.stop_at_eos else None
+    out_BS = np.asarray(generate(
+        model.params, model.cfg, prompt_BP, max_new_tokens=fv.max_new_tokens, method=method, top_k=fv.top_k,
+        top_p=fv.top_p, temperature=fv.temperature, rng=rng, prompt_lengths_B=lengths_B, eos_id=eos_id,
+        slide_keep=fv.slide_keep))
+    return [_trim(out_BS[b, lengths_B[b]:lengths_B[b] + fv.max_new_tokens], eos_id) for b in range(len(rows))]
+
+
+def _stream_one(model: LoadedModel, ids: list[int], fv, method: str, rng, out) -> None:
+    """Print the prompt, then the continuation chunk by chunk as it is decoded."""
+    eos_id = model.eos_id if fv.stop_at_eos else None
+    shown = _decode(model.tokenizer, ids)
+    out.write(shown)
+    out.flush()
+    new: list[int] = []
+    for chunk_1C in stream_generate(model.params, model.cfg, np.asarray([ids]), max_new_tokens=fv.max_new_tokens,
+                                    chunk_size=STREAM_CHUNK, method=method, top_k=fv.top_k, top_p=fv.top_p,
+                                    temperature=fv.temperature, rng=rng, eos_id=eos_id, slide_keep=fv.slide_keep):
+        new.extend(chunk_1C[0].tolist())
+        trimmed = _trim(np.asarray(new), eos_id)
+        text = _decode(model.tokenizer, ids + trimmed.tolist())
+        # A byte-level token may end inside a UTF-8 character: hold it back until it completes.
+        if not text.endswith("\ufffd"):
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+        if len(trimmed) < len(new):
+            break
+    out.write(_decode(model.tokenizer, ids + _trim(np.asarray(new), eos_id).tolist())[len(shown):] + "\n")
+    out.flush()
+
+
+def main(argv: Sequence[str], *, define: Callable[[], flags.FlagValues] = define_flags,
+         load: Callable[[flags.FlagValues], LoadedModel] = _load_model, out=None) -> int:
+    out = sys.stdout if out is None else out
+    fv = parse_flags(define(), argv, DESCRIPTION)
+    if not fv.prompt:
+        raise UserError('give at least one --prompt="text" (repeat the flag for several prompts)')
+    if fv.num_samples < 1:
+        raise UserError(f"--num_samples must be >= 1, got {fv.num_samples}")
+    model = load(fv)
+    if fv.stop_at_eos and model.eos_id is None:
+        raise UserError("this tokenizer has no end-of-text token to stop at; pass --nostop_at_eos")
+    methods = ALL_METHODS if fv.method == "all" else (fv.method,)
+    for m in methods:  # before any work: fail on bad flags at once, naming the flag
+        try:
+            check_sampling_args(model.cfg, method=m, max_new_tokens=fv.max_new_tokens, temperature=fv.temperature,
+                                top_k=fv.top_k, top_p=fv.top_p, slide_keep=fv.slide_keep)
+        except UserError as e:
+            raise UserError(f"--{e}") from None
+    prompts_ids = [model.tokenizer.encode(p).ids for p in fv.prompt]
+    for p, ids in zip(fv.prompt, prompts_ids):
+        if not ids:
+            raise UserError(f"--prompt={p!r} is empty after tokenization; give some text to continue")
+    key = jax.random.PRNGKey(fv.seed)
+    rngs = {m: jax.random.fold_in(key, i) for i, m in enumerate(METHODS)}
+    out.write(f"# {model.description} · {model.cfg.n_layer} layers, d_model {model.cfg.d_model}, "
+              f"n_ctx {model.cfg.n_ctx}\n")
+
+    if len(methods) == 1 and len(prompts_ids) == 1 and fv.num_samples == 1:
+        out.write(f"## {_method_label(methods[0], fv)}\n")
+        _stream_one(model, prompts_ids[0], fv, methods[0], rngs[methods[0]], out)
+        return 0
+
+    results = {m: _generate_rows(model, prompts_ids, fv, m, rngs[m]) for m in methods}
+    width = shutil.get_terminal_size((150, 24)).columns
+    for i, ids in enumerate(prompts_ids):
+        for s in range(fv.num_samples):
+            row = i * fv.num_samples + s
+            texts = {_method_label(m, fv): _decode(model.tokenizer, ids + results[m][row].tolist()) for m in methods}
+            title = f"prompt {i + 1}/{len(prompts_ids)}, sample {s + 1}/{fv.num_samples}"
+            if len(methods) == 1:
+                out.write(f"\n## {title} · {next(iter(texts))}\n{next(iter(texts.values()))}\n")
+            else:
+                out.write(f"\n## {title}\n{side_by_side(texts, width)}\n")
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,354 @@
+"""Specification of decoding: cache == full forward, greedy == argmax, sliding window, samplers, compilation.
+
+Float32 throughout; cached and full-forward logits agree within 1e-5 absolute (measured ~1e-6).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2_jax.cli import UserError
+from gpt2_jax.model import forward, init_cache, init_params
+from gpt2_jax.sample import (
+    _generate_jit,
+    bucket_length,
+    decode_step,
+    filter_logits,
+    generate,
+    prefill,
+    sample_greedy,
+    sample_logits,
+    sample_nucleus,
+    sample_top_k,
+    stream_generate,
+)
+
+ATOL = 1e-5
+
+
+def _peaky_params(cfg, seed=0, std=0.3):
+    """Init + N(0, std) noise: freshly initialised models greedily repeat one token, which would
+    make sequence comparisons vacuous; these weights give varied continuations."""
+    params = init_params(cfg, jax.random.PRNGKey(seed))
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [x + std * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    from gpt2_jax.config import GPT2Config
+    return GPT2Config(vocab_size=97, n_ctx=16, n_layer=2, d_model=32, n_head=4, d_ff=64)
+
+
+@pytest.fixture(scope="module")
+def params(cfg):
+    return _peaky_params(cfg)
+
+
+def _tokens(cfg, n, seed):
+    return np.asarray(jax.random.randint(jax.random.PRNGKey(seed), (n,), 0, cfg.vocab_size), np.int32)
+
+
+@functools.cache
+def _jit_forward(cfg):
+    return jax.jit(lambda params, tokens_BT: forward(params, cfg, tokens_BT))
+
+
+def reference_greedy(params, cfg, prompt, max_new_tokens, slide_keep):
+    """The documented semantics, written naively: a full forward pass over the current window per
+    token; the window starts at the prompt's last n_ctx tokens and, when a new token would make it
+    longer than n_ctx, restarts as the last `slide_keep` tokens."""
+    full_forward = _jit_forward(cfg)
+    seq = [int(t) for t in prompt]
+    start = max(0, len(seq) - cfg.n_ctx)
+    for _ in range(max_new_tokens):
+        window = seq[start:]
+        padded = np.zeros((1, cfg.n_ctx), np.int32)  # right padding is invisible to a causal model
+        padded[0, :len(window)] = window
+        logits_V = full_forward(params, padded)[0, len(window) - 1]
+        seq.append(int(jnp.argmax(logits_V)))
+        if len(seq) - start > cfg.n_ctx:
+            start = len(seq) - slide_keep
+    return np.asarray(seq)
+
+
+# ─── cache ───────────────────────────────────────────────────────────────────────────────────────
+
+def test_prefill_then_decode_steps_match_full_forward_at_every_position(cfg, params):
+    seqs = [_tokens(cfg, cfg.n_ctx, seed=3), _tokens(cfg, cfg.n_ctx, seed=4)]
+    full_BTV = forward(params, cfg, jnp.asarray(np.stack(seqs)))
+    lengths = np.array([3, 6])  # right-padded prompt of width 8, padding = token 5
+    prompt_BP = np.full((2, 8), 5, np.int32)
+    for b, n in enumerate(lengths):
+        prompt_BP[b, :n] = seqs[b][:n]
+    logits_BV, cache = prefill(params, cfg, init_cache(cfg, 2), jnp.asarray(prompt_BP), jnp.asarray(lengths))
+    np.testing.assert_allclose(logits_BV, full_BTV[np.arange(2), lengths - 1], atol=ATOL)
+    position_B = lengths.copy()
+    while position_B.max() < cfg.n_ctx:  # up to the last position of the context
+        token_B = np.array([seqs[b][min(position_B[b], cfg.n_ctx - 1)] for b in range(2)], np.int32)
+        logits_BV, cache = decode_step(params, cfg, cache, jnp.asarray(token_B), jnp.asarray(position_B))
+        for b in range(2):
+            if position_B[b] < cfg.n_ctx:
+                np.testing.assert_allclose(logits_BV[b], full_BTV[b, position_B[b]], atol=ATOL)
+        position_B = np.minimum(position_B + 1, cfg.n_ctx)
+
+
+# ─── greedy generation ───────────────────────────────────────────────────────────────────────────
+
+def test_greedy_generate_equals_argmax_of_repeated_full_forward(cfg, params):
+    prompt = _tokens(cfg, 5, seed=7)
+    out = np.asarray(generate(params, cfg, prompt[None], max_new_tokens=cfg.n_ctx - 5))
+    expected = reference_greedy(params, cfg, prompt, cfg.n_ctx - 5, slide_keep=cfg.n_ctx // 2)
+    assert len(set(expected[5:].tolist())) >= 4  # a varied continuation, so equality means something
+    np.testing.assert_array_equal(out[0], expected)
+
+
+@pytest.mark.parametrize("slide_keep", [1, 8, 15, 16])
+def test_generation_beyond_the_context_follows_the_sliding_window_semantics(cfg, params, slide_keep):
+    prompt = _tokens(cfg, 5, seed=7)
+    out = np.asarray(generate(params, cfg, prompt[None], max_new_tokens=45, slide_keep=slide_keep))
+    np.testing.assert_array_equal(out[0], reference_greedy(params, cfg, prompt, 45, slide_keep))
+    assert out.shape == (1, 50) and out.min() >= 0 and out.max() < cfg.vocab_size
+
+
+def test_default_window_keeps_half_the_context_and_the_window_size_matters(cfg, params):
+    prompt = _tokens(cfg, 5, seed=7)
+    default = np.asarray(generate(params, cfg, prompt[None], max_new_tokens=45))[0]
+    np.testing.assert_array_equal(default, reference_greedy(params, cfg, prompt, 45, slide_keep=8))
+    exact = reference_greedy(params, cfg, prompt, 45, slide_keep=16)
+    assert (default[cfg.n_ctx + 1:] != exact[cfg.n_ctx + 1:]).any()  # the reference can tell windows apart
+
+
+def test_prompt_longer_than_the_context_starts_from_its_last_n_ctx_tokens(cfg, params):
+    prompt = _tokens(cfg, 21, seed=8)
+    out = np.asarray(generate(params, cfg, prompt[None], max_new_tokens=12))
+    np.testing.assert_array_equal(out[0], reference_greedy(params, cfg, prompt, 12, slide_keep=8))
+    np.testing.assert_array_equal(out[0, :21], prompt)
+
+
+def test_padded_batch_rows_equal_their_unpadded_single_row_results(cfg, params):
+    """Rows of lengths 3, 9, 14 and 20 (> n_ctx) reach the context's end at different steps."""
+    lengths = [3, 9, 14, 20]
+    prompts = [_tokens(cfg, n, seed=10 + n) for n in lengths]
+    prompt_BP = np.full((4, 20), 7, np.int32)
+    for b, p in enumerate(prompts):
+        prompt_BP[b, :len(p)] = p
+    N = 30
+    batch = np.asarray(generate(params, cfg, prompt_BP, max_new_tokens=N, prompt_lengths_B=lengths))
+    assert batch.shape == (4, 20 + N)
+    for b, p in enumerate(prompts):
+        single = np.asarray(generate(params, cfg, p[None], max_new_tokens=N))[0]
+        np.testing.assert_array_equal(batch[b, :len(p) + N], single)
+        np.testing.assert_array_equal(batch[b, len(p) + N:], 0)  # right padding (no eos_id: 0)
+
+
+def test_eos_stops_a_row_which_then_emits_only_eos(cfg, params):
+    prompt_BP = np.stack([_tokens(cfg, 4, seed=20), _tokens(cfg, 4, seed=21)])
+    free = np.asarray(generate(params, cfg, prompt_BP, max_new_tokens=20))[:, 4:]
+    eos = int(free[0, 3])  # row 0 says this token at step 3 (perhaps earlier too)
+    out = np.asarray(generate(params, cfg, prompt_BP, max_new_tokens=20, eos_id=eos))[:, 4:]
+    for b in range(2):
+        hits = np.flatnonzero(free[b] == eos)
+        stop = hits[0] if hits.size else 20
+        np.testing.assert_array_equal(out[b, :stop + 1], free[b, :stop + 1])
+        np.testing.assert_array_equal(out[b, stop:], eos)
+    assert np.flatnonzero(free[0] == eos)[0] <= 3
+
+
+# ─── sampling through generate ───────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("method", ["top_k", "nucleus", "top_k_nucleus"])
+def test_same_seed_gives_same_tokens_and_another_seed_other_tokens(cfg, params, method):
+    prompt = _tokens(cfg, 4, seed=30)[None]
+    run = lambda seed: np.asarray(generate(params, cfg, prompt, max_new_tokens=24, method=method, top_k=20,
+                                           top_p=0.9, rng=jax.random.PRNGKey(seed)))
+    a, b, c = run(0), run(0), run(1)
+    np.testing.assert_array_equal(a, b)
+    assert (a[0, 4:] != c[0, 4:]).sum() >= 5
+
+
+def test_rows_with_the_same_prompt_draw_independent_samples(cfg, params):
+    prompt_BP = np.repeat(_tokens(cfg, 4, seed=30)[None], 4, axis=0)
+    out = np.asarray(generate(params, cfg, prompt_BP, max_new_tokens=20, method="nucleus", top_p=0.95,
+                              rng=jax.random.PRNGKey(0)))
+    assert len({tuple(r) for r in out[:, 4:].tolist()}) == 4
+
+
+def test_temperature_zero_sampling_is_greedy(cfg, params):
+    prompt = _tokens(cfg, 4, seed=31)[None]
+    greedy = np.asarray(generate(params, cfg, prompt, max_new_tokens=30))
+    for method in ("top_k", "nucleus"):
+        cold = generate(params, cfg, prompt, max_new_tokens=30, method=method, temperature=0.0,
+                        rng=jax.random.PRNGKey(3))
+        np.testing.assert_array_equal(cold, greedy)
+
+
+def test_stream_generate_yields_generate_tokens_chunk_by_chunk(cfg, params):
+    prompt = _tokens(cfg, 5, seed=40)[None]
+    kwargs = dict(max_new_tokens=21, method="nucleus", top_p=0.9, rng=jax.random.PRNGKey(4))
+    chunks = list(stream_generate(params, cfg, prompt, chunk_size=8, **kwargs))
+    assert [c.shape for c in chunks] == [(1, 8), (1, 8), (1, 5)]
+    np.testing.assert_array_equal(np.concatenate(chunks, axis=1), np.asarray(generate(params, cfg, prompt, **kwargs))[:, 5:])
+
+
+def test_stream_generate_stops_once_every_row_emitted_eos(cfg, params):
+    prompt = _tokens(cfg, 4, seed=20)[None]
+    free = np.asarray(generate(params, cfg, prompt, max_new_tokens=8))[0, 4:]
+    eos = int(free[2])
+    chunks = list(stream_generate(params, cfg, prompt, max_new_tokens=40, chunk_size=4, eos_id=eos))
+    assert len(chunks) == 1  # stopped after the chunk holding eos, not 10 chunks
+    first = np.flatnonzero(free == eos)[0]
+    np.testing.assert_array_equal(chunks[0][0, :first + 1], free[:first + 1])
+
+
+# ─── compilation ─────────────────────────────────────────────────────────────────────────────────
+
+def test_prompt_buckets_are_powers_of_two_from_16_capped_at_the_context():
+    assert [bucket_length(n, 128) for n in (1, 16, 17, 32, 33, 100, 128)] == [16, 16, 32, 32, 64, 128, 128]
+    assert [bucket_length(n, 40) for n in (1, 17, 33, 40)] == [16, 32, 40, 40]
+
+
+def test_new_prompt_length_and_new_settings_in_the_same_bucket_do_not_recompile(cfg):
+    cfg = cfg.replace(vocab_size=101, n_ctx=64)  # a config no other test compiles for
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    gen = lambda n, **kw: generate(params, cfg, _tokens(cfg, n, seed=n)[None], max_new_tokens=6,
+                                   method="nucleus", rng=jax.random.PRNGKey(n), **kw)
+    before = _generate_jit._cache_size()
+    gen(5)
+    assert _generate_jit._cache_size() == before + 1
+    gen(11, temperature=0.7, top_p=0.5, eos_id=3)  # same bucket (16), other settings
+    gen(16, temperature=0.0, top_p=1.0)
+    assert _generate_jit._cache_size() == before + 1
+    gen(17)  # next bucket (32): one more compilation
+    assert _generate_jit._cache_size() == before + 2
+
+
+# ─── samplers on fixed logits ────────────────────────────────────────────────────────────────────
+
+def _kept(filtered_BV):
+    return set(np.flatnonzero(np.isfinite(np.asarray(filtered_BV)[0])).tolist())
+
+
+def test_top_k_keeps_exactly_k_tokens_breaking_ties_towards_the_lower_id():
+    logits = jnp.array([[0.0, 2.0, 5.0, 2.0, 2.0, -1.0]])
+    assert _kept(filter_logits(logits, top_k=3)) == {2, 1, 3}
+    assert _kept(filter_logits(logits, top_k=1)) == {2}
+    assert _kept(filter_logits(logits, top_k=6)) == set(range(6))
+    draws = sample_top_k(jnp.repeat(logits, 4000, axis=0), jax.random.PRNGKey(0), top_k=3)
+    assert set(np.unique(draws).tolist()) == {1, 2, 3}  # never outside the top 3, every one of them reached
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_p_including_the_crossing_token():
+    probs = {2: 0.5, 0: 0.3, 3: 0.15, 1: 0.05}  # ids deliberately not in probability order
+    logits = jnp.log(jnp.array([[probs[i] for i in range(4)]]))
+    assert _kept(filter_logits(logits, top_p=0.1)) == {2}  # the top token alone already reaches p
+    assert _kept(filter_logits(logits, top_p=0.6)) == {2, 0}  # 0.5 < 0.6 <= 0.8: token 0 crosses p
+    assert _kept(filter_logits(logits, top_p=0.81)) == {2, 0, 3}
+    assert _kept(filter_logits(logits, top_p=1.0)) == {0, 1, 2, 3}
+    draws = sample_nucleus(jnp.repeat(logits, 4000, axis=0), jax.random.PRNGKey(0), top_p=0.6)
+    assert set(np.unique(draws).tolist()) == {0, 2}
+
+
+def test_temperature_is_applied_before_filtering():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    # p=0.7 is crossed by token 1 at T=1 (0.5, 0.8); T=0.25 sharpens to (0.88, ...) so token 0
+    # alone reaches it; T=3 flattens to (0.34, 0.28, 0.22, 0.16) so token 2 crosses it.
+    assert _kept(filter_logits(logits, temperature=1.0, top_p=0.7)) == {0, 1}
+    assert _kept(filter_logits(logits, temperature=0.25, top_p=0.7)) == {0}
+    assert _kept(filter_logits(logits, temperature=3.0, top_p=0.7)) == {0, 1, 2}
+    np.testing.assert_allclose(filter_logits(logits, temperature=0.25), logits / 0.25, rtol=1e-6)
+
+
+def test_top_k_then_top_p_renormalises_after_top_k():
+    logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]]))
+    # After top-2 the probabilities are (0.57, 0.43): token 0 alone reaches 0.5. Top-p on the
+    # full distribution would have kept token 1 too (0.4 < 0.5).
+    assert _kept(filter_logits(logits, top_k=2, top_p=0.5)) == {0}
+    assert _kept(filter_logits(logits, top_p=0.5)) == {0, 1}
+
+
+def test_temperature_zero_and_greedy_pick_the_argmax_lowest_id_on_ties():
+    logits = jnp.array([[1.0, 3.0, 3.0, 0.0], [9.0, 1.0, 2.0, 9.5]])
+    np.testing.assert_array_equal(sample_greedy(logits), [1, 3])
+    for key in range(5):
+        for method in ("top_k", "nucleus", "top_k_nucleus"):
+            tokens = sample_logits(logits, jax.random.PRNGKey(key), method=method, temperature=0.0, top_k=3)
+            np.testing.assert_array_equal(tokens, [1, 3])
+
+
+def reference_distribution(logits_V, *, temperature, top_k=None, top_p=None):
+    """numpy restatement of the sampler's definition, for the frequency tests."""
+    z = np.asarray(logits_V, np.float64) / temperature
+    order = sorted(range(len(z)), key=lambda i: (-z[i], i))
+    keep = order[:top_k] if top_k else order
+    if top_p is not None:
+        p = np.exp(z[keep] - z[keep].max())
+        p /= p.sum()
+        mass_before = np.concatenate([[0.0], np.cumsum(p)[:-1]])
+        keep = [i for i, m in zip(keep, mass_before) if m < top_p]
+    probs = np.zeros(len(z))
+    probs[keep] = np.exp(z[keep] - z[keep].max())
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize("method,temperature,top_k,top_p", [
+    ("top_k", 1.0, 4, None),
+    ("top_k", 0.7, 6, None),
+    ("nucleus", 1.0, None, 0.8),
+    ("nucleus", 1.5, None, 0.6),
+    ("top_k_nucleus", 0.8, 5, 0.7),
+])
+def test_sampled_frequencies_match_the_renormalised_truncated_distribution(method, temperature, top_k, top_p):
+    logits_V = jnp.array([1.3, -0.2, 0.9, 2.1, 0.1, 1.6, -1.0, 0.5, 1.1, -0.5])
+    n = 50_000
+    draws = sample_logits(jnp.broadcast_to(logits_V, (n, 10)), jax.random.PRNGKey(1), method=method,
+                          temperature=temperature, top_k=top_k or 0, top_p=top_p or 0.0)
+    freq = np.bincount(np.asarray(draws), minlength=10) / n
+    expected = reference_distribution(logits_V, temperature=temperature, top_k=top_k, top_p=top_p)
+    assert 1 < (expected > 0).sum() < 10  # the filter truncates, and leaves a choice
+    np.testing.assert_array_equal(freq[expected == 0], 0.0)  # truncated tokens are never drawn
+    sigma = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(freq - expected) <= 5 * sigma + 1e-4), (freq, expected)
+    chi2 = float(((freq - expected)[expected > 0] ** 2 / expected[expected > 0]).sum() * n)
+    dof = int((expected > 0).sum()) - 1
+    assert chi2 < dof + 6 * math.sqrt(2 * dof)  # far above the 99.9% quantile for dof <= 5
+
+
+def test_samplers_are_jit_compatible_with_traced_settings():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    jitted = jax.jit(lambda l, k, t, kk, p: sample_logits(l, k, method="top_k_nucleus", temperature=t, top_k=kk, top_p=p))
+    for seed in range(20):
+        token = jitted(logits, jax.random.PRNGKey(seed), 1.0, 3, 0.6)
+        assert int(token[0]) in (0, 1)
+    assert jitted._cache_size() == 1
+
+
+# ─── bad input ───────────────────────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(prompt_BP=np.zeros((1, 0), np.int32)), "empty prompt"),
+    (dict(prompt_lengths_B=[2, 0]), "empty prompt"),
+    (dict(prompt_lengths_B=[2, 9]), "exceed the prompt width"),
+    (dict(prompt_BP=np.array([[1, 97]])), "outside the model's vocabulary"),
+    (dict(prompt_BP=np.array([1, 2, 3])), "(batch, length)"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(method="beam"), "method must be one of"),
+    (dict(method="nucleus", top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(method="nucleus", top_p=1.5), "top_p must be in (0, 1]"),
+    (dict(method="top_k", top_k=0), "top_k must be between 1 and the vocabulary size 97"),
+    (dict(method="top_k", top_k=98), "top_k must be between 1 and the vocabulary size 97"),
+    (dict(method="top_k", temperature=-0.5), "temperature must be >= 0"),
+    (dict(eos_id=97), "eos_id must be a token id"),
+    (dict(slide_keep=17), "slide_keep must be between 1 and n_ctx=16"),
+])
+def test_bad_arguments_raise_one_line_user_errors(cfg, params, kwargs, message):
+    args = dict(prompt_BP=np.array([[1, 2], [3, 4]], np.int32), max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(UserError) as e:
+        generate(params, cfg, args.pop("prompt_BP"), **args)
+    assert message in str(e.value) and "\n" not in str(e.value)
