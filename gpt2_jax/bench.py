@@ -1,0 +1,200 @@
+"""Speed benchmarks with random weights and random tokens; each prints ONE JSON line, last.
+
+    python -m gpt2_jax.bench train --size=small --batch_size=64 --steps=20 --warmup=3 --dtype=bfloat16
+    python -m gpt2_jax.bench generate --size=small --batch_size=1 --prompt_len=16 --new_tokens=128 --method=greedy
+
+Training FLOPs per token (stated, so MFU numbers can be checked):
+    6 · N_matmul  +  12 · L · D · T
+where N_matmul = non-embedding parameters + V·D (the tied LM head is a matmul; the position table is
+a lookup, not counted), and 12·L·D·T is the attention score/value matmuls (forward + backward) at
+window T. MFU = tokens/s · FLOPs per token / peak FLOP/s of the device (table below, dense, no
+sparsity; on CPU pass --peak_tflops, else MFU is null).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from gpt2_jax import cli
+from gpt2_jax.config import PRESETS, GPT2Config, param_count
+from gpt2_jax.model import init_params
+
+# Dense peak TFLOP/s by device kind substring: (bfloat16, float32-as-TF32). Vendor data sheets.
+PEAK_TFLOPS = {
+    "H200": (989.4, 494.7),
+    "H100": (989.4, 494.7),  # SXM
+    "A100": (312.0, 156.0),
+    "L4": (121.0, 60.0),
+    "V100": (125.0, 15.7),
+}
+
+
+def train_flops_per_token(cfg: GPT2Config, seq_len: int | None = None) -> float:
+    T = cfg.n_ctx if seq_len is None else seq_len
+    n_matmul = param_count(cfg, embeddings=False) + cfg.vocab_size * cfg.d_model
+    return 6.0 * n_matmul + 12.0 * cfg.n_layer * cfg.d_model * T
+
+
+def device_peak_tflops(dtype: str) -> float | None:
+    kind = jax.devices()[0].device_kind
+    for name, (bf16, fp32) in PEAK_TFLOPS.items():
+        if name in kind:
+            return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def _memory() -> dict:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {
+        "peak_device_mem_gib": None if peak is None else round(peak / 2**30, 3),
+        "host_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+    }
+
+
+def _environment() -> dict:
+    d = jax.devices()[0]
+    return {"backend": jax.default_backend(), "device": d.device_kind, "devices": jax.local_device_count(),
+            "jax": jax.__version__}
+
+
+def bench_train(cfg: GPT2Config, *, batch_size: int, steps: int, warmup: int, peak_tflops: float | None = None,
+                seed: int = 0) -> dict:
+    """Time the real pmapped train step (AdamW, clipping, dropout) on a fixed random batch."""
+    from flax.jax_utils import replicate
+
+    from gpt2_jax import train
+
+    n_dev = jax.local_device_count()
+    if batch_size % n_dev:
+        raise cli.UserError(f"--batch_size={batch_size} is not divisible by the {n_dev} local devices")
+    train_cfg = train.TrainConfig(batch_size=batch_size, warmup_steps=0, lr=1e-4)
+    num_steps = warmup + steps + 2
+    optimizer = train.make_optimizer(train_cfg, num_steps)
+    schedule = train.make_schedule(train_cfg, num_steps)
+    state_N = replicate(train.init_train_state(cfg, optimizer, jax.random.PRNGKey(seed)))
+    p_step = jax.pmap(train.make_train_step(cfg, optimizer, schedule), axis_name=train.AXIS,
+                      in_axes=(0, 0, None), donate_argnums=(0,))
+    T = cfg.n_ctx
+    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (n_dev, batch_size // n_dev, T + 1), np.int32)
+    batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:], "mask": np.ones(tokens[..., 1:].shape, np.float32)}
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (train.AXIS,))
+    batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.AXIS)))
+    rng = jax.random.PRNGKey(seed + 1)
+
+    t0 = time.perf_counter()
+    state_N, m = p_step(state_N, batch, rng)
+    jax.block_until_ready(m)
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        state_N, m = p_step(state_N, batch, rng)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):  # no host sync inside the timed loop
+        state_N, m = p_step(state_N, batch, rng)
+    jax.block_until_ready(m)
+    elapsed = time.perf_counter() - t0
+    step_s = elapsed / steps
+    tokens_per_s = batch_size * T / step_s
+    flops = train_flops_per_token(cfg, T)
+    mfu = None if not peak_tflops else tokens_per_s * flops / (peak_tflops * 1e12)
+    return {
+        "bench": "train", "tokens_per_s": round(tokens_per_s, 1), "ms_per_step": round(1e3 * step_s, 2),
+        "compile_s": round(max(first_s - step_s, 0.0), 2), "mfu": None if mfu is None else round(mfu, 4),
+        "flops_per_token": flops, "peak_tflops": peak_tflops, "batch_size": batch_size, "seq_len": T,
+        "steps": steps, "warmup": warmup, "final_loss": float(m["loss"][0]), **_memory(),
+    }
+
+
+def bench_generate(cfg: GPT2Config, *, batch_size: int, prompt_len: int, new_tokens: int, method: str,
+                   repeats: int = 3, seed: int = 0) -> dict:
+    """New tokens/s of the one-jit decode loop, plus time to first token (prefill + 1 sampled token)."""
+    from gpt2_jax import sample
+
+    params = init_params(cfg, jax.random.PRNGKey(seed))
+    if cfg.dtype == "bfloat16":  # decoding reads every weight per token: keep them in bf16
+        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    timing = sample.time_generate(params, cfg, batch_size=batch_size, prompt_length=prompt_len,
+                                  max_new_tokens=new_tokens, method=method, repeats=repeats, seed=seed)
+    # Time to first token: the same compiled loop with one new token.
+    first = sample.time_generate(params, cfg, batch_size=batch_size, prompt_length=prompt_len, max_new_tokens=1,
+                                 method=method, repeats=repeats, seed=seed)
+    return {
+        "bench": "generate", "new_tokens_per_s": round(timing["new_tokens_per_s"], 1),
+        "ms_per_token": round(1e3 * timing["run_s"] / new_tokens, 3),
+        "time_to_first_token_ms": round(1e3 * first["run_s"], 2), "compile_s": round(timing["compile_s"], 2),
+        "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "method": method,
+        **_memory(),
+    }
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+def _define_flags() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    flags.DEFINE_enum("size", "tiny", list(PRESETS), "Model preset.", flag_values=fv)
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                      "Compute dtype (default: bfloat16 on GPU, float32 elsewhere).", flag_values=fv)
+    flags.DEFINE_integer("batch_size", None, "Global batch (default: 32 train, 1 generate).", flag_values=fv)
+    flags.DEFINE_integer("steps", 10, "train: timed steps.", flag_values=fv)
+    flags.DEFINE_integer("warmup", 2, "train: untimed steps after the compile.", flag_values=fv)
+    flags.DEFINE_bool("remat", False, "train: recompute activations in the backward pass.", flag_values=fv)
+    flags.DEFINE_float("dropout", None, "Override the preset's dropout (both kinds); 0 lets attention use "
+                       "the fused kernel.", flag_values=fv)
+    flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"], "Attention implementation.", flag_values=fv)
+    flags.DEFINE_float("peak_tflops", None, "Device peak for MFU (default: from the device table; none on CPU).",
+                       flag_values=fv)
+    flags.DEFINE_integer("prompt_len", 16, "generate: prompt tokens.", flag_values=fv)
+    flags.DEFINE_integer("new_tokens", 64, "generate: new tokens per row.", flag_values=fv)
+    flags.DEFINE_enum("method", "greedy", ["greedy", "top_k", "nucleus"], "generate: decoding method.",
+                      flag_values=fv)
+    flags.DEFINE_integer("repeats", 3, "generate: timed runs (best counts).", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Random weights and tokens.", flag_values=fv)
+    return fv
+
+
+def main(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    if len(argv) < 2 or argv[1] not in ("train", "generate"):
+        if any(a in ("--help", "-h") for a in argv[1:]):
+            print(__doc__)
+            return 0
+        raise cli.UserError("first argument must be a subcommand: train or generate (see --help)")
+    command = argv.pop(1)
+    fv = cli.parse_flags(_define_flags(), argv, __doc__)
+    dtype = fv.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+    overrides = dict(dtype=dtype, remat=fv.remat, attention=fv.attention)
+    if fv.dropout is not None:
+        overrides.update(dropout=fv.dropout, attn_dropout=fv.dropout)
+    cfg = GPT2Config.preset(fv.size, **overrides)
+    if command == "train":
+        batch = fv.batch_size or 32
+        if batch < 1 or fv.steps < 1 or fv.warmup < 0:
+            raise cli.UserError("--batch_size and --steps must be >= 1 and --warmup >= 0")
+        peak = fv.peak_tflops if fv.peak_tflops is not None else device_peak_tflops(dtype)
+        result = bench_train(cfg, batch_size=batch, steps=fv.steps, warmup=fv.warmup, peak_tflops=peak,
+                             seed=fv.seed)
+    else:
+        batch = fv.batch_size or 1
+        if batch < 1 or fv.new_tokens < 1 or not 1 <= fv.prompt_len <= cfg.n_ctx:
+            raise cli.UserError(f"need --batch_size >= 1, --new_tokens >= 1, 1 <= --prompt_len <= {cfg.n_ctx}")
+        result = bench_generate(cfg, batch_size=batch, prompt_len=fv.prompt_len, new_tokens=fv.new_tokens,
+                                method=fv.method, repeats=fv.repeats, seed=fv.seed)
+    record = {**result, "size": fv.size, "dtype": dtype, "remat": fv.remat, "attention": fv.attention,
+              **_environment()}
+    print(json.dumps(record))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
