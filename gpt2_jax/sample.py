@@ -481,10 +481,14 @@ def _method_label(method: str, fv: flags.FlagValues) -> str:
 
 
 def side_by_side(columns: dict[str, str], width: int) -> str:
-    """Texts as wrapped columns under their titles, separated by ' │ '."""
+    """Texts as wrapped columns under their titles, separated by ' │ '.
+
+    Control characters (newlines included) become spaces: they would break the table's rows.
+    """
     n = len(columns)
     col_w = max(20, (width - 3 * (n - 1)) // n)
-    wrapped = [textwrap.wrap(text, col_w, break_long_words=False) or [""] for text in columns.values()]
+    printable = ["".join(c if c.isprintable() else " " for c in text) for text in columns.values()]
+    wrapped = [textwrap.wrap(text, col_w, break_long_words=False) or [""] for text in printable]
     lines = [" │ ".join(title.ljust(col_w) for title in columns), "─┼─".join("─" * col_w for _ in columns)]
     for row in itertools.zip_longest(*wrapped, fillvalue=""):
         lines.append(" │ ".join(cell.ljust(col_w) for cell in row).rstrip())

@@ -1,0 +1,193 @@
+"""Specification of ``python -m gpt2_jax.sample``: what it prints, how it streams, how it refuses bad input.
+
+The run directories hold a micro model (random weights) and a 300-token BPE trained on WikiText-2 lines.
+"""
+
+import itertools
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gpt2_jax import checkpoint
+from gpt2_jax.cli import run
+from gpt2_jax.config import GPT2Config
+from gpt2_jax.model import init_params
+from gpt2_jax.sample import METHODS, generate, main
+from gpt2_jax.tokenizer import EOT, save_tokenizer, train_tokenizer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PROMPT = "The man jumped"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(wikitext_dir):
+    lines = (wikitext_dir / "wiki.train.tokens").read_text(encoding="utf-8").splitlines()[:3000]
+    return train_tokenizer(lines, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def cfg(tokenizer):
+    return GPT2Config(vocab_size=300, n_ctx=32, n_layer=2, d_model=32, n_head=4, d_ff=64)
+
+
+def _noisy(params, std=0.3, seed=1):
+    """Random weights with enough spread that greedy text does not repeat one token."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [x + std * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, cfg, tokenizer):
+    params = _noisy(init_params(cfg, jax.random.PRNGKey(0)))
+    return checkpoint.save_params_as_run(tmp_path_factory.mktemp("runs") / "micro", cfg, params, tokenizer, step=3)
+
+
+@pytest.fixture(scope="module")
+def eos_run_dir(tmp_path_factory, cfg, tokenizer):
+    """A model that always predicts end-of-text: the final LayerNorm outputs a multiple of EOT's embedding."""
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    eot = tokenizer.token_to_id(EOT)
+    wte = params["wte"]["embedding"]
+    params["ln_f"] = {"scale": params["ln_f"]["scale"] * 0, "bias": 50.0 * wte[eot] / np.linalg.norm(wte[eot]) ** 2}
+    return checkpoint.save_params_as_run(tmp_path_factory.mktemp("runs") / "eos", cfg, params, tokenizer, step=0)
+
+
+class Recorder:
+    """A stdout stand-in that remembers every write separately (to see streaming)."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, s):
+        self.writes.append(s)
+
+    def flush(self):
+        pass
+
+    @property
+    def text(self):
+        return "".join(self.writes)
+
+
+def _main(*flags):
+    out = Recorder()
+    assert main(["sample", *flags], out=out) == 0
+    return out
+
+
+def _expected_text(run_dir, tokenizer, method, *, seed=0, n=20, **kw):
+    """The CLI's contract restated: prompt + generate's continuation for the method's seed stream."""
+    loaded = checkpoint.load_run(run_dir)
+    ids = tokenizer.encode(PROMPT).ids
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), METHODS.index(method))
+    out = np.asarray(generate(loaded.params, loaded.cfg, np.asarray([ids]), max_new_tokens=n, method=method, rng=rng,
+                              **kw))[0]
+    return tokenizer.decode(out.tolist(), skip_special_tokens=False)
+
+
+def test_one_sample_is_streamed_in_chunks_as_the_prompt_then_its_continuation(run_dir, tokenizer):
+    out = _main(f"--run_dir={run_dir}", "--method=nucleus", f"--prompt={PROMPT}", "--max_new_tokens=20",
+                "--seed=5", "--nostop_at_eos")
+    header = out.writes.index("## nucleus (p=0.9, T=1.0)\n")
+    streamed = out.writes[header + 1:]
+    expected = _expected_text(run_dir, tokenizer, "nucleus", seed=5, top_p=0.9)
+    assert "".join(streamed) == expected + "\n"
+    assert streamed[0] == PROMPT
+    assert len([w for w in streamed[1:] if w.strip()]) >= 2  # 20 tokens arrive in chunks of 8, not at once
+    assert "step 3" in out.text  # the header names the checkpoint
+
+
+def test_method_all_prints_greedy_top_k_and_nucleus_side_by_side(run_dir, tokenizer):
+    out = _main(f"--run_dir={run_dir}", "--method=all", f"--prompt={PROMPT}", "--max_new_tokens=20",
+                "--nostop_at_eos")
+    lines = out.text.split("\n")  # not splitlines(): it also splits at characters inside a cell
+    title = next(i for i, line in enumerate(lines) if line.startswith("greedy"))
+    assert [c.strip() for c in lines[title].split(" │ ")] == ["greedy", "top_k (k=50, T=1.0)", "nucleus (p=0.9, T=1.0)"]
+    rows = [(line + " ").split(" │ ") for line in lines[title + 2:] if line]  # lines are right-stripped
+    columns = [" ".join(c.strip() for c in col if c.strip()) for col in itertools.zip_longest(*rows, fillvalue="")]
+    expected = [_expected_text(run_dir, tokenizer, "greedy"),
+                _expected_text(run_dir, tokenizer, "top_k", top_k=50),
+                _expected_text(run_dir, tokenizer, "nucleus", top_p=0.9)]
+    printable = ["".join(c if c.isprintable() else " " for c in e) for e in expected]
+    assert columns == [" ".join(e.split()) for e in printable]
+    assert len(set(columns)) == 3
+
+
+def test_several_samples_are_printed_separately_and_follow_the_seed(run_dir):
+    flags = [f"--run_dir={run_dir}", "--method=top_k", f"--prompt={PROMPT}", "--prompt=In 1990", "--num_samples=2",
+             "--max_new_tokens=12"]
+    a, b, c = _main(*flags, "--seed=0").text, _main(*flags, "--seed=0").text, _main(*flags, "--seed=1").text
+    sections = [s for s in a.split("\n## ")[1:]]
+    assert [s.split(" · ")[0] for s in sections] == [
+        "prompt 1/2, sample 1/2", "prompt 1/2, sample 2/2", "prompt 2/2, sample 1/2", "prompt 2/2, sample 2/2"]
+    texts = [s.split("\n", 1)[1].strip() for s in sections]
+    assert texts[0].startswith(PROMPT) and texts[2].startswith("In 1990")
+    assert texts[0] != texts[1]
+    assert a == b and a != c
+
+
+def test_stop_at_eos_trims_the_continuation_at_end_of_text(eos_run_dir):
+    flags = [f"--run_dir={eos_run_dir}", "--method=greedy", f"--prompt={PROMPT}", "--max_new_tokens=5"]
+    stopped = _main(*flags).text.splitlines()[-1]
+    assert stopped == PROMPT
+    kept = _main(*flags, "--nostop_at_eos").text.splitlines()[-1]
+    assert kept == PROMPT + EOT * 5
+    batched = _main(*flags, "--num_samples=2", "--method=top_k").text
+    assert batched.count(f"\n{PROMPT}\n") == 2
+
+
+@pytest.fixture(scope="module")
+def mismatched_run_dir(tmp_path_factory, run_dir, wikitext_dir):
+    bad = tmp_path_factory.mktemp("runs") / "mismatch"
+    shutil.copytree(run_dir, bad)
+    lines = (wikitext_dir / "wiki.train.tokens").read_text(encoding="utf-8").splitlines()[:3000]
+    save_tokenizer(train_tokenizer(lines, vocab_size=280), bad / "tokenizer.json")
+    return bad
+
+
+@pytest.mark.parametrize("flags,message", [
+    ([f"--prompt={PROMPT}"], "--run_dir is required"),
+    (["--run_dir={missing}", f"--prompt={PROMPT}"], "does not exist"),
+    (["--run_dir={run}", f"--prompt={PROMPT}", "--step=7"], "no checkpoint at step 7"),
+    (["--run_dir={run}", f"--prompt={PROMPT}", "--step=last"], "--step must be a step number"),
+    (["--run_dir={run}", f"--prompt={PROMPT}", "--step=best"], "no checkpoint with a validation loss"),
+    (["--run_dir={mismatch}", f"--prompt={PROMPT}"], "tokenizer has 280 tokens but the model expects 300"),
+    (["--run_dir={run}"], "give at least one --prompt"),
+    (["--run_dir={run}", "--prompt="], "is empty after tokenization"),
+    (["--run_dir={run}", f"--prompt={PROMPT}", "--top_p=1.5"], "--top_p must be in (0, 1]"),
+    (["--run_dir={run}", f"--prompt={PROMPT}", "--top_p=0"], "--top_p must be in (0, 1]"),
+    (["--run_dir={run}", f"--prompt={PROMPT}", "--method=top_k", "--top_k=0"], "--top_k must be between 1 and"),
+    (["--run_dir={run}", f"--prompt={PROMPT}", "--method=all", "--top_k=301"], "--top_k must be between 1 and"),
+    (["--run_dir={run}", f"--prompt={PROMPT}", "--temperature=-1"], "--temperature must be >= 0"),
+    (["--run_dir={run}", f"--prompt={PROMPT}", "--max_new_tokens=0"], "--max_new_tokens must be >= 1"),
+    (["--run_dir={run}", f"--prompt={PROMPT}", "--num_samples=0"], "--num_samples must be >= 1"),
+    (["--run_dir={run}", f"--prompt={PROMPT}", "--method=beam"], "method"),
+    (["--run_dir={run}", f"--prompt={PROMPT}", "--slide_keep=33"], "--slide_keep must be between 1 and n_ctx=32"),
+])
+def test_bad_input_is_one_error_line_and_exit_code_2(flags, message, run_dir, mismatched_run_dir, tmp_path, capsys):
+    names = {"run": run_dir, "missing": tmp_path / "nope", "mismatch": mismatched_run_dir}
+    argv = ["sample"] + [f.format(**names) for f in flags]
+    with pytest.raises(SystemExit) as e:
+        run(main, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_python_dash_m_runs_end_to_end_and_exits_2_on_a_missing_run(run_dir, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "gpt2_jax.sample", f"--prompt={PROMPT}", "--max_new_tokens=4", "--method=greedy"]
+    ok = subprocess.run(cmd + [f"--run_dir={run_dir}"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    streamed = ok.stdout.split("## greedy\n", 1)[1]
+    assert streamed.startswith(PROMPT) and len(streamed.rstrip("\n")) > len(PROMPT)
+    bad = subprocess.run(cmd + [f"--run_dir={tmp_path / 'nope'}"], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
