@@ -412,6 +412,8 @@ def define_flags() -> flags.FlagValues:
     fv = flags.FlagValues()
     flags.DEFINE_string("run_dir", None, "Training run directory (run.json, tokenizer.json, checkpoints/).",
                         flag_values=fv)
+    flags.DEFINE_string("hf_dir", None, "Sample from a Hugging Face GPT-2 folder (config.json, model.safetensors, "
+                        "tokenizer) instead of a run directory.", flag_values=fv)
     flags.DEFINE_string("step", "latest", "Checkpoint to load: a step number, 'latest' (newest complete) "
                         "or 'best' (lowest validation loss).", flag_values=fv)
     flags.DEFINE_enum("method", "nucleus", CLI_METHODS, "Decoding method; 'all' prints greedy, top_k and "
@@ -453,6 +455,14 @@ def _load_model(fv: flags.FlagValues) -> LoadedModel:
     """Weights, config and tokenizer named by the flags (the one place other sources plug in)."""
     from gpt2_jax import checkpoint, tokenizer  # CLI-only imports: research code needs neither
 
+    if fv.run_dir and fv.hf_dir:
+        raise UserError("give one of --run_dir=DIR or --hf_dir=DIR, not both")
+    if fv.hf_dir:
+        from gpt2_jax import hf
+
+        cfg, params, tok = hf.load_hf_with_tokenizer(fv.hf_dir)
+        tokenizer.check_vocab_matches(tok, cfg)
+        return LoadedModel(cfg, params, tok, tok.token_to_id(tokenizer.EOT), f"{fv.hf_dir} (Hugging Face)")
     if not fv.run_dir:
         raise UserError("--run_dir is required: the training run to sample from (e.g. --run_dir=runs/small)")
     loaded = checkpoint.load_run(fv.run_dir, _parse_step(fv.step))  # checks tokenizer vs model vocab

@@ -421,3 +421,25 @@ def test_convert_cli_mistakes_exit_2_with_one_line(args, message, tiny_hf_dir, t
     assert err.startswith("error: ") and err.count("\n") == 1
     assert message in err, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
+def test_sample_cli_with_hf_dir_continues_greedily_like_transformers(small_tokenizer, tmp_path):
+    import io
+
+    from gpt2_jax import sample
+
+    model = _hf_model(seed=10, n_layer=2, n_embd=32, n_head=4, vocab_size=300, n_positions=32)
+    with torch.no_grad():  # strong position embeddings: a random model's greedy text then varies
+        model.transformer.wpe.weight.mul_(10.0)
+    model.save_pretrained(tmp_path)
+    small_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    prompt = "The quick brown"
+    ids = small_tokenizer.encode(prompt).ids
+    theirs = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            do_sample=False, max_new_tokens=12, pad_token_id=0).numpy()[0]
+    expected = small_tokenizer.decode(theirs.tolist(), skip_special_tokens=False)
+
+    out = io.StringIO()
+    assert sample.main(["sample", f"--hf_dir={tmp_path}", f"--prompt={prompt}", "--method=greedy",
+                        "--max_new_tokens=12", "--nostop_at_eos"], out=out) == 0
+    assert len(expected) > len(prompt) + 5 and expected in out.getvalue()
