@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import math
 import os
 import pathlib
@@ -87,7 +86,7 @@ _V1 = WikiTextConfig(
     description="Tokenized WikiText-2 (rare words replaced by <unk>): the standard benchmark.",
     archive_url="https://wikitext.smerity.com/wikitext-2-v1.zip",
     suffix="tokens",
-    hashes={  # SHA-256 of the files as released (identical in the author's mirror).
+    hashes={  # SHA-256 of the released files (their SHA-1 also match GluonNLP's dataset registry).
         "wiki.train.tokens": ("sha256", "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f"),
         "wiki.valid.tokens": ("sha256", "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
         "wiki.test.tokens": ("sha256", "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"),
