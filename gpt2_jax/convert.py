@@ -3,8 +3,8 @@
     python -m gpt2_jax.convert --from_hf=gpt2 --run_dir=runs/gpt2             # import as a run (step 0)
     python -m gpt2_jax.convert --run_dir=runs/small --to_hf=hf/small [--step=best]   # export
 
-An import writes a run directory that sample, evaluate and train (fine-tuning) read like any
-other; the folder must hold config.json, model.safetensors (or pytorch_model.bin) and a
+An import writes a run directory (step 0) that sample and evaluate read like any other; the
+folder must hold config.json, model.safetensors (or pytorch_model.bin) and a
 tokenizer (tokenizer.json, or vocab.json + merges.txt). An export writes config.json,
 model.safetensors, tokenizer.json and tokenizer_config.json, which
 ``transformers.GPT2LMHeadModel.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load.
