@@ -1,0 +1,70 @@
+"""Study 3: what a 2-core CPU can do: the tiny preset on WikiText-2 in about 30 minutes.
+
+    python experiments/cpu_tiny.py                 # CPU, ~30 min on 2 cores
+
+Tiny (4 layers, d_model 256, 11.4M parameters, context 128, the same 32k BPE), float32, batch 16,
+dropout 0.1, for a fixed number of steps that fits about half an hour on a 2-core machine. Test
+numbers from the best checkpoint (lowest validation loss), disjoint and sliding (stride 64) windows.
+Writes experiments/results/cpu_tiny/.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import study
+
+NAME = "cpu_tiny"
+SETUP = {"size": "tiny", "batch_size": 16, "lr": 1e-3, "warmup_steps": 100, "weight_decay": 0.1, "dropout": 0.1,
+         "eval_every": 250, "ckpt_every": 500, "seed": 0, "dtype": "float32"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max_steps", type=int, default=3000)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--out", default=str(study.RESULTS / NAME))
+    p.add_argument("--runs", default=str(study.RUNS / NAME))
+    p.add_argument("--extra", default="", help="extra train flags, e.g. '--n_layer=1' for a smoke test")
+    args = p.parse_args()
+    out, run_dir = study.pathlib.Path(args.out), study.pathlib.Path(args.runs)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = dict(kv.lstrip("-").split("=", 1) for kv in args.extra.split())
+    setup = {**SETUP, "epochs": args.epochs, "max_steps": args.max_steps, "quiet": "true", **extra}
+
+    wall = study.train(run_dir, setup)
+    record = {"study": NAME, "hardware": study.hardware(), "setup": setup, "train_wall_s": round(wall, 1),
+              "epochs": study.epoch_table(run_dir),
+              "evals": [r for r in study.read_jsonl(run_dir / "evals.jsonl")],
+              "test_best_disjoint": study.evaluate(run_dir, step="best"),
+              "test_best_sliding64": study.evaluate(run_dir, step="best", stride=64),
+              "plot": study.copy_plot(run_dir, out, "tiny")}
+    steps = study.read_jsonl(run_dir / "metrics.jsonl")
+    tps = sorted(s["tokens_per_s"] for s in steps if s.get("tokens_per_s"))
+    record["median_tokens_per_s"] = tps[len(tps) // 2] if tps else None
+    study.save_metrics(out, record)
+    study.write_samples(out / "samples.md", {"tiny": study.samples(run_dir, step="best")})
+
+    d, s = record["test_best_disjoint"], record["test_best_sliding64"]
+    vals = [r for r in record["evals"] if r["split"] == "validation"]
+    best = min(vals, key=lambda r: r["loss"])
+    lines = [f"# {NAME}", "", f"Hardware: {record['hardware']}. Setup: {setup}.", "",
+             f"Trained {steps[-1]['step'] if steps else 0} steps ({steps[-1]['epoch'] if steps else 0:.2f} epochs) in "
+             f"{wall / 60:.1f} min wall (evaluations and checkpoints included); median "
+             f"{study.fmt(record['median_tokens_per_s'], 0)} training tokens/s.", "",
+             f"Best validation loss {best['loss']:.4f} at step {best['step']} (epoch {best['epoch']:.2f}).", "",
+             "| test split, best checkpoint | token ppl | word ppl | bits/byte | mean NLL |", "|---|---|---|---|---|",
+             f"| disjoint 128-token windows | {d['token_ppl']:.2f} | {d['word_ppl']:.2f} | {d['bits_per_byte']:.3f} | "
+             f"{d['mean_nll']:.4f} |",
+             f"| sliding windows, stride 64 | {s['token_ppl']:.2f} | {s['word_ppl']:.2f} | {s['bits_per_byte']:.3f} | "
+             f"{s['mean_nll']:.4f} |", "",
+             "Validation during training:", "", "| step | epoch | val loss | val ppl | train loss (since last eval) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['step']} | {r['epoch']:.2f} | {r['loss']:.4f} | {r['ppl']:.2f} | {study.fmt(r.get('train_loss'), 4)} |"
+              for r in vals]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
