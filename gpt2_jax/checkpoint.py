@@ -187,6 +187,30 @@ def restore_step(manager: ocp.CheckpointManager, step: int, abstract_params, abs
     return Restored(step=step, params=out["params"], opt_state=out.get("opt_state"), meta=out["meta"])
 
 
+def _silence_abandoned_reads() -> None:
+    """After a failed restore, drop the noise of the reads Orbax abandoned (the warning said it all).
+
+    When one array of a checkpoint fails to read, Orbax closes its event loop while TensorStore
+    still completes the other reads; each completion then raises RuntimeError('Event loop is
+    closed') into ``sys.unraisablehook``, and the failed read tasks may be logged by asyncio as
+    "Task exception was never retrieved": a traceback per array on stderr, seconds later. Only
+    exactly those are dropped; everything else reaches the previous hook / the log. Installed once.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_gpt2_jax_filter", False):
+        return
+    logging.getLogger("asyncio").addFilter(
+        lambda r: not ("Task exception was never retrieved" in r.getMessage() and "async_deserialize" in r.getMessage()))
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed" and unraisable.object is None):
+            previous(unraisable)
+
+    hook._gpt2_jax_filter = True
+    sys.unraisablehook = hook
+
+
 def _describe(e: Exception) -> str:
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {first[:160]}"
@@ -204,6 +228,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_params, abstract_opt
         try:
             return restore_step(manager, step, abstract_params, abstract_opt_state)
         except Exception as e:  # noqa: BLE001 - any failure to read means: not a usable checkpoint
+            _silence_abandoned_reads()
             where = pathlib.Path(str(manager.directory)) / str(step)
             moved = ""
             if quarantine is not None:
@@ -243,6 +268,7 @@ def _restore_for_load(manager, run_dir: pathlib.Path, step, target, warn: Warn) 
         try:
             restored = restore_step(manager, chosen, target)
         except Exception as e:  # noqa: BLE001
+            _silence_abandoned_reads()
             raise UserError(f"checkpoint step {chosen} of {run_dir} is unreadable ({_describe(e)}); "
                             f"pick another step of {steps}") from None
     return restored

@@ -36,8 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import flags
+from absl import logging as absl_logging
 from flax.jax_utils import replicate, unreplicate
 from jax import lax
+from tqdm import tqdm
 
 from gpt2_jax import checkpoint as ckpt
 from gpt2_jax import data
@@ -253,6 +255,8 @@ def _define_flags() -> flags.FlagValues:
                          "(and at every epoch end and the last step)", flag_values=fv)
     flags.DEFINE_integer("ckpt_every", 500, "save a checkpoint every this many steps (and at every epoch end, "
                          "every evaluation and the last step)", flag_values=fv)
+    flags.DEFINE_float("ckpt_minutes", 10.0, "also save when this many minutes passed since the last save, so a "
+                       "slow run never loses more (0 = off)", flag_values=fv)
     flags.DEFINE_integer("keep", 3, "checkpoints kept: the newest this many plus the best by validation loss",
                          flag_values=fv)
     flags.DEFINE_integer("log_every", 10, "fetch metrics from the devices every this many steps (each step is "
@@ -304,6 +308,8 @@ def main(argv: Sequence[str]) -> int:
     for name in ("eval_every", "ckpt_every", "keep", "log_every"):
         if fv[name].value < 1:
             raise UserError(f"--{name} must be >= 1, got {fv[name].value}")
+    if fv.ckpt_minutes < 0:
+        raise UserError(f"--ckpt_minutes must be >= 0 (0 = off), got {fv.ckpt_minutes}")
     cfg, train_cfg = configs_from_flags(fv)
     run_dir = pathlib.Path(fv.run_dir)
     devices = jax.local_devices()
@@ -312,9 +318,7 @@ def main(argv: Sequence[str]) -> int:
     _check_divisible("batch_size", train_cfg.batch_size, n_dev)
     _check_divisible("eval_batch_size", eval_batch, n_dev)
     say = (lambda *a: None) if fv.quiet else functools.partial(print, file=sys.stderr)
-    import absl.logging  # Orbax logs routine progress through absl at WARNING
-
-    absl.logging.set_verbosity(absl.logging.ERROR)
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax reports routine progress at WARNING
 
     # ---- the run directory: a new run, or the same config resumed
     record = {"model": cfg.to_dict(), "train": train_cfg.to_dict()}
@@ -368,8 +372,6 @@ def main(argv: Sequence[str]) -> int:
 
 def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, state, position, rng,
            spe, num_steps, eval_batch, devices, say) -> int:
-    from tqdm import tqdm
-
     n_dev = len(devices)
     step = int(state.step)
     metrics_path, evals_path = run_dir / ckpt.METRICS_FILE, run_dir / ckpt.EVALS_FILE
@@ -429,7 +431,10 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
         if bar is not None:
             bar.set_postfix(loss=f"{recs[-1]['loss']:.3f}", lr=f"{recs[-1]['lr']:.2e}", tok_s=f"{tps:,.0f}")
 
+    last_save = [time.monotonic()]
+
     def save(val_loss: float | None) -> None:
+        last_save[0] = time.monotonic()
         ckpt.save_checkpoint(manager, step, params=unreplicate(state_N.params), opt_state=unreplicate(state_N.opt_state),
                              meta={"step": step, "data_position": position.to_dict(), "rng": np.asarray(rng).tolist(),
                                    "num_devices": n_dev}, val_loss=val_loss)
@@ -450,9 +455,11 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
             step += 1
             pending.append((step, m))
             bar.update(1)
+            stopping = stop.signal  # read once: the signal may arrive anywhere in this iteration
             epoch_end, last = step % spe == 0, step == num_steps
             do_eval = step % fv.eval_every == 0 or epoch_end or last
-            do_save = do_eval or step % fv.ckpt_every == 0 or stop.signal is not None
+            overdue = fv.ckpt_minutes > 0 and time.monotonic() - last_save[0] >= 60 * fv.ckpt_minutes
+            do_save = do_eval or step % fv.ckpt_every == 0 or overdue or stopping is not None
             if do_eval or do_save:
                 flush(keep_last=False)  # a checkpoint is only written after its losses are seen finite
             elif len(pending) > fv.log_every:
@@ -462,10 +469,10 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
                 save(val_loss)
             if do_eval:
                 clock[0] = time.perf_counter()  # evaluation and saving are not training throughput
-            if stop.signal is not None:
+            if stopping is not None:
                 bar.close()
                 manager.wait_until_finished()
-                print(f"stopped by {stop.signal} at step {step}: checkpoint saved in {run_dir}; "
+                print(f"stopped by {stopping} at step {step}: checkpoint saved in {run_dir}; "
                       f"run the same command to resume", file=sys.stderr)
                 return 0
             if epoch_end or last:
@@ -492,10 +499,10 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
     test = next(r for r in reversed(eval_records) if r["split"] == "test") if ("test", step) in done \
         else run_eval("test")
     manager.wait_until_finished()
-    last_tps = next((r["tokens_per_s"] for r in reversed(step_records)), float("nan"))
+    tps = float(np.median([r["tokens_per_s"] for r in step_records])) if step_records else float("nan")
     print(f"done: {step} steps ({step / spe:.2f} epochs); validation loss {val['loss']:.4f} (ppl {val['ppl']:.2f}), "
           f"test loss {test['loss']:.4f} (ppl {test['ppl']:.2f}, word ppl {test['word_ppl']:.2f}); "
-          f"{last_tps:,.0f} tokens/s; plot {run_dir / ckpt.PLOT_FILE}", file=sys.stderr)
+          f"median {tps:,.0f} tokens/s; plot {run_dir / ckpt.PLOT_FILE}", file=sys.stderr)
     return 0
 
 

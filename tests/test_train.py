@@ -151,3 +151,205 @@ def test_eval_step_sums_give_the_exact_masked_mean(micro_cfg):
     want = cross_entropy_loss(forward(params, micro_cfg, batch["inputs"]), batch["targets"], batch["mask"])
     assert float(out["tokens"]) == 56.0
     np.testing.assert_allclose(out["nll_sum"] / out["tokens"], want, rtol=1e-6)
+
+
+def test_resume_drops_records_past_the_checkpoint_and_a_line_torn_by_a_crash(tmp_path):
+    from gpt2_jax.metrics import drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3, 4, 5]
+    assert drop_records_after(path, 3) == 2
+    assert read_jsonl(path) == [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    assert path.read_text().endswith("}\n")  # the torn line is gone too: appends start on a fresh line
+
+
+# ---------------------------------------------------------------- the CLI, in subprocesses
+
+MICRO = ["--vocab_size=512", "--n_ctx=16", "--n_layer=2", "--d_model=32", "--n_head=4", "--d_ff=64",
+         "--batch_size=8", "--eval_batch_size=1024", "--warmup_steps=5", "--lr=3e-3", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def cli_env(wikitext_dir, tmp_path_factory):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GPT2_JAX_DATA_DIR=str(wikitext_dir), PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _cmd(run_dir, *flags):
+    return [sys.executable, "-m", "gpt2_jax.train", f"--run_dir={run_dir}", *MICRO, *flags]
+
+
+def _env(cli_env, devices):
+    return dict(cli_env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def _train(cli_env, run_dir, *flags, devices=1, expect_rc=0):
+    p = subprocess.run(_cmd(run_dir, *flags), env=_env(cli_env, devices), cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == expect_rc, p.stderr[-3000:]
+    return p
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_jsonl(pathlib.Path(run_dir) / ckpt.METRICS_FILE)]
+
+
+def _steps(run_dir):
+    return sorted(int(p.name) for p in (pathlib.Path(run_dir) / ckpt.CHECKPOINT_DIR).iterdir() if p.name.isdigit())
+
+
+RESUME_FLAGS = ("--max_steps=150", "--ckpt_every=10", "--eval_every=50")
+
+
+@pytest.fixture(scope="module")
+def finished_run(cli_env, tmp_path_factory):
+    """An uninterrupted micro run of 150 steps (checkpoints every 10, evaluations every 50)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    p = _train(cli_env, run_dir, *RESUME_FLAGS)
+    assert p.stderr.startswith("done: 150 steps") and p.stderr.count("\n") == 1, p.stderr
+    return run_dir
+
+
+def test_uninterrupted_run_writes_every_step_evaluations_plot_and_keeps_newest_plus_best(finished_run):
+    assert [s for s, _ in _losses(finished_run)] == list(range(1, 151))
+    evals = read_jsonl(finished_run / ckpt.EVALS_FILE)
+    assert [(r["split"], r["step"]) for r in evals] == [("validation", 50), ("validation", 100),
+                                                      ("validation", 150), ("test", 150)]
+    val = [r["loss"] for r in evals if r["split"] == "validation"]
+    assert val[0] > val[1] > val[2] and val[2] < math.log(512) - 0.5  # it learns
+    best = 50 + 50 * int(np.argmin(val))
+    assert _steps(finished_run) == sorted({130, 140, 150, best})  # --keep=3 newest + best
+    assert (finished_run / ckpt.PLOT_FILE).stat().st_size > 10_000
+    assert ckpt.load_run(finished_run, "best").step == best
+
+
+def test_run_killed_with_sigkill_and_rerun_ends_bitwise_identical_to_the_uninterrupted_run(
+        cli_env, finished_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(run_dir, *RESUME_FLAGS), env=_env(cli_env, 1), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / ckpt.CHECKPOINT_DIR / "30").is_dir():
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: no handler runs, a save may be cut midway
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(s for s, _ in _losses(run_dir))
+    assert killed_at < 150, "killed too late to test anything"
+    _train(cli_env, run_dir, *RESUME_FLAGS)
+    assert _losses(run_dir) == _losses(finished_run)  # every step once, bitwise equal losses
+    a, b = ckpt.load_run(finished_run, 150), ckpt.load_run(run_dir, 150)
+    chex.assert_trees_all_equal(jax.device_get(a.params), jax.device_get(b.params))
+    assert read_jsonl(run_dir / ckpt.EVALS_FILE) == read_jsonl(finished_run / ckpt.EVALS_FILE)
+
+
+def test_unreadable_latest_checkpoint_is_reported_once_set_aside_and_the_run_redone_from_the_previous(
+        cli_env, finished_run, tmp_path):
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(finished_run, run_dir)
+    for f in (run_dir / ckpt.CHECKPOINT_DIR / "150" / "params" / "d").iterdir():
+        os.truncate(f, os.path.getsize(f) // 2)
+    p = _train(cli_env, run_dir, *RESUME_FLAGS)
+    lines = p.stderr.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("done: 150 steps"), p.stderr  # one warning, nothing else
+    assert lines[0].startswith("warning: checkpoint ") and "checkpoints/150 is unreadable" in lines[0], p.stderr
+    assert [d.name.split("-")[0] for d in (run_dir / ckpt.CORRUPT_DIR).iterdir()] == ["150"]  # kept, not deleted
+    assert _losses(run_dir) == _losses(finished_run)
+    chex.assert_trees_all_equal(jax.device_get(ckpt.load_run(run_dir).params),
+                                jax.device_get(ckpt.load_run(finished_run).params))
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(cli_env, tmp_path):
+    run_dir = tmp_path / "term"
+    proc = subprocess.Popen(_cmd(run_dir, "--max_steps=100000", "--ckpt_every=100000", "--eval_every=100000"),
+                            env=_env(cli_env, 1), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while not (run_dir / ckpt.METRICS_FILE).exists() or not _losses(run_dir):  # training is under way
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    last = max(s for s, _ in _losses(run_dir))
+    assert err.strip().splitlines()[-1].startswith(f"stopped by SIGTERM at step {last}: checkpoint saved"), err
+    assert _steps(run_dir) == [last]  # the only save: --ckpt_every was never reached
+    assert ckpt.load_run(run_dir).step == last
+
+
+def test_nan_loss_stops_with_exit_2_one_line_and_keeps_the_last_good_checkpoint(cli_env, tmp_path):
+    run_dir = tmp_path / "nan"
+    # lr 0 at step 0 (warmup), then 1e30: the parameters overflow at step 2.
+    p = _train(cli_env, run_dir, "--lr=1e30", "--warmup_steps=1", "--ckpt_every=1", "--max_steps=50",
+               expect_rc=2)
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith("error: training diverged at step 2 ") and "step 1, is kept" in p.stderr, p.stderr
+    assert _steps(run_dir) == [1]
+    run = ckpt.load_run(run_dir)
+    assert run.step == 1 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(run.params))
+
+
+def test_two_and_four_devices_match_one_device_and_a_two_device_run_resumes_on_one(cli_env, tmp_path):
+    flags = ("--max_steps=6", "--ckpt_every=3", "--eval_every=1000", "--warmup_steps=2", "--dropout=0")
+    runs = {}
+    for n in (1, 2, 4):
+        runs[n] = tmp_path / f"dev{n}"
+        _train(cli_env, runs[n], *flags, devices=n)
+    ref_losses = np.array([loss for _, loss in _losses(runs[1])])
+    ref = jax.device_get(ckpt.load_run(runs[1], 6).params)
+    # Each device sums its rows and the sums are all-reduced, so only the float summation order
+    # differs from one device. Measured on this CPU: losses within 2.4e-7 relative, parameters
+    # after 6 Adam steps within 1.7e-6 absolute (one update is ~lr = 3e-3); tolerances ~10x that.
+    for n in (2, 4):
+        np.testing.assert_allclose([loss for _, loss in _losses(runs[n])], ref_losses, rtol=2e-6)
+        chex.assert_trees_all_close(jax.device_get(ckpt.load_run(runs[n], 6).params), ref, atol=2e-5, rtol=0)
+        assert json.loads((runs[n] / ckpt.RUN_FILE).read_text())["model"] == json.loads(
+            (runs[1] / ckpt.RUN_FILE).read_text())["model"]
+    # Saved on 2 devices at step 3, resumed on 1: checkpoints hold no device axis.
+    shutil.rmtree(runs[2] / ckpt.CHECKPOINT_DIR / "6")
+    _train(cli_env, runs[2], *flags, devices=1)
+    np.testing.assert_allclose([loss for _, loss in _losses(runs[2])], ref_losses, rtol=2e-6)
+    chex.assert_trees_all_close(jax.device_get(ckpt.load_run(runs[2], 6).params), ref, atol=2e-5, rtol=0)
+
+
+def test_batch_not_divisible_by_the_devices_is_exit_2_with_one_line_and_no_traceback(cli_env, tmp_path):
+    p = _train(cli_env, tmp_path / "r", "--batch_size=9", devices=2, expect_rc=2)
+    assert p.stderr == ("error: --batch_size=9 is not divisible by the 2 local devices; use a multiple of 2\n")
+    assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------- bad input, in-process
+
+
+def _main(*flags):
+    return train.main(["gpt2_jax.train", *MICRO, *flags])
+
+
+def test_unknown_size_is_a_user_error_naming_the_choices(tmp_path):
+    with pytest.raises(UserError, match="size.*tiny") as e:
+        _main("--size=huge", f"--run_dir={tmp_path}")
+    assert "\n" not in str(e.value)
+
+
+def test_a_run_dir_of_another_config_is_refused_and_left_untouched(finished_run):
+    before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=r"belongs to a different config: train.lr: 0.003 in the run dir, 0.001 now"):
+        _main(f"--run_dir={finished_run}", *RESUME_FLAGS, "--lr=1e-3")
+    assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file()} == before
+
+
+def test_missing_data_and_too_long_warmup_are_user_errors(tmp_path, wikitext_dir, monkeypatch):
+    monkeypatch.delenv("GPT2_JAX_DATA_DIR", raising=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="wiki.train.tokens"):
+        _main(f"--run_dir={tmp_path / 'a'}", f"--data_dir={empty}", f"--cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(UserError, match="--warmup_steps=5 must be smaller than the 3 training steps"):
+        _main(f"--run_dir={tmp_path / 'b'}", f"--data_dir={wikitext_dir}", "--max_steps=3")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
