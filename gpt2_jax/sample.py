@@ -56,29 +56,54 @@ MIN_BUCKET = 16  # shortest prompt bucket: lengths 1..16 share one compilation
 
 # ─── samplers: pure functions of (logits, rng, settings) ───────────────────────────────────────
 
+def _order_keys(z_BV: jax.Array) -> jax.Array:
+    """int32 keys that order like the float32 values (-inf lowest; -0.0 counted as +0.0)."""
+    bits_BV = jax.lax.bitcast_convert_type(jnp.where(z_BV == 0, 0.0, z_BV).astype(jnp.float32), jnp.int32)
+    return jnp.where(bits_BV < 0, bits_BV ^ jnp.int32(0x7FFFFFFF), bits_BV)
+
+
+def _keep_first(z_BV: jax.Array, weight_BV: jax.Array, target) -> jax.Array:
+    """Tokens taken in order of decreasing ``z`` (ties: lower id first) while the weight BEFORE them is < target.
+
+    With weight 1 that is top-k (target k); with probabilities, top-p (the crossing token is in).
+    No sort: a bisection over the 2^32 float keys finds the crossing token's value t, the largest
+    with weight(z >= t) >= target, in 32 masked sums over V (~0.2 ms per 32k-token row on CPU,
+    where a full argsort takes ~6 ms). Tokens tied at t are then taken by id.
+    """
+    key_BV = _order_keys(z_BV)
+    weight_BV = weight_BV.astype(jnp.float32)
+    target_B1 = jnp.broadcast_to(jnp.asarray(target, jnp.float32), z_BV.shape[:1])[:, None]
+
+    def halve(_, bounds):  # invariant: weight(key >= lo) >= target > weight(key > hi)
+        lo_B1, hi_B1 = bounds
+        mid_B1 = (lo_B1 >> 1) + (hi_B1 >> 1) + (((lo_B1 & 1) + (hi_B1 & 1) + 1) >> 1)  # ceil, no overflow
+        reached_B1 = jnp.sum(jnp.where(key_BV >= mid_B1, weight_BV, 0.0), axis=-1, keepdims=True) >= target_B1
+        return jnp.where(reached_B1, mid_B1, lo_B1), jnp.where(reached_B1, hi_B1, mid_B1 - 1)
+
+    lo_B1 = key_BV.min(axis=-1, keepdims=True)  # if even all tokens miss the target, all are kept
+    t_B1, _ = jax.lax.fori_loop(0, 32, halve, (lo_B1, key_BV.max(axis=-1, keepdims=True)))
+    above_BV, tied_BV = key_BV > t_B1, key_BV == t_B1
+    weight_above_B1 = jnp.sum(jnp.where(above_BV, weight_BV, 0.0), axis=-1, keepdims=True)
+    tied_weight_BV = jnp.where(tied_BV, weight_BV, 0.0)
+    tied_before_BV = jnp.cumsum(tied_weight_BV, axis=-1) - tied_weight_BV
+    return above_BV | (tied_BV & (weight_above_B1 + tied_before_BV < target_B1))
+
+
 def filter_logits(logits_BV: jax.Array, *, temperature=1.0, top_k=None, top_p=None) -> jax.Array:
     """``logits / temperature`` with every token outside top-k, then outside top-p, set to -inf.
 
+    Order: decreasing probability, ties to the lower id. top-k keeps the first k; top-p keeps, of
+    what top-k left (renormalised), the first tokens while the probability before them is < p.
     ``top_k``/``top_p`` may be traced scalars (no recompilation when they change); ``None`` skips
     that filter. ``temperature`` must be > 0 here (``sample_logits`` handles 0 as greedy).
     """
     scaled_BV = logits_BV.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
-    if top_k is None and top_p is None:
-        return scaled_BV
-    B, V = scaled_BV.shape
-    # One stable sort serves both filters: rank 0 is the most likely token, ties by lower id.
-    order_BV = jnp.argsort(scaled_BV, axis=-1, descending=True, stable=True)
-    sorted_BV = jnp.take_along_axis(scaled_BV, order_BV, axis=-1)
-    keep_BV = jnp.ones((B, V), bool)
     if top_k is not None:
-        keep_BV = jnp.arange(V)[None, :] < top_k
+        scaled_BV = jnp.where(_keep_first(scaled_BV, jnp.ones_like(scaled_BV), top_k), scaled_BV, -jnp.inf)
     if top_p is not None:
-        probs_BV = jax.nn.softmax(jnp.where(keep_BV, sorted_BV, -jnp.inf), axis=-1)
-        cum_BV = jnp.cumsum(probs_BV, axis=-1)
-        mass_before_BV = jnp.concatenate([jnp.zeros((B, 1), cum_BV.dtype), cum_BV[:, :-1]], axis=-1)
-        keep_BV &= mass_before_BV < top_p  # keeps the token that crosses p: the mass BEFORE it is < p
-    kept_sorted_BV = jnp.where(keep_BV, sorted_BV, -jnp.inf)
-    return jnp.put_along_axis(jnp.empty_like(scaled_BV), order_BV, kept_sorted_BV, axis=-1, inplace=False)
+        probs_BV = jax.nn.softmax(scaled_BV, axis=-1)
+        scaled_BV = jnp.where(_keep_first(scaled_BV, probs_BV, top_p), scaled_BV, -jnp.inf)
+    return scaled_BV
 
 
 def sample_greedy(logits_BV: jax.Array) -> jax.Array:
@@ -308,6 +333,8 @@ def generate(params, cfg: GPT2Config, prompt_BP, *, max_new_tokens: int, method:
     Row b is its ``prompt_lengths_B[b]`` prompt tokens (default: all P), then its N new tokens,
     then padding (``eos_id``, or 0 without it) up to S. With ``eos_id``, a row that emits it keeps
     emitting it. ``rng`` defaults to ``PRNGKey(0)``; ``slide_keep`` to ``n_ctx // 2`` (module doc).
+    Call it outside ``jit`` (it checks and buckets the prompt on the host); its compiled core is
+    ``start_decoding`` + ``advance_decoding``, which jit-traced code can call directly.
     """
     window_BW, window_lengths_B, lengths_B = prompt_windows(cfg, prompt_BP, prompt_lengths_B)
     slide_keep = cfg.n_ctx // 2 if slide_keep is None else slide_keep
@@ -340,6 +367,8 @@ def stream_generate(params, cfg: GPT2Config, prompt_BP, *, max_new_tokens: int, 
 
     Same settings and seed give the same tokens as ``generate``. Each chunk is one call of the
     same compiled ``chunk_size``-step loop; with ``eos_id`` it stops once every row has emitted it.
+    (Chunks rather than a ``jax.debug.callback`` per token: the loop stays pure, printing stays in
+    the CLI, and the host is synchronised once per chunk instead of once per token.)
     """
     window_BW, window_lengths_B, _ = prompt_windows(cfg, prompt_BP, prompt_lengths_B)
     slide_keep = cfg.n_ctx // 2 if slide_keep is None else slide_keep

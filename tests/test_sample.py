@@ -234,6 +234,18 @@ def _kept(filtered_BV):
     return set(np.flatnonzero(np.isfinite(np.asarray(filtered_BV)[0])).tolist())
 
 
+def test_filters_break_ties_at_the_threshold_by_lower_id_and_count_each_tied_token():
+    logits = jnp.log(jnp.array([[0.1, 0.2, 0.1, 0.4, 0.1, 0.1]]))
+    assert _kept(filter_logits(logits, top_p=0.65)) == {3, 1, 0}  # 0.4 + 0.2 < 0.65: one of the 0.1 ties
+    assert _kept(filter_logits(logits, top_p=0.75)) == {3, 1, 0, 2}  # 0.7 < 0.75: a second tie
+    assert _kept(filter_logits(logits, top_k=4)) == {3, 1, 0, 2}
+    signed_zeros = jnp.array([[-0.0, 0.0, -1.0]])  # equal values, whatever their sign bit
+    assert _kept(filter_logits(signed_zeros, top_k=1)) == {0}
+    many = jnp.zeros((1, 50))  # all tied: exactly k, the lowest ids
+    assert _kept(filter_logits(many, top_k=7)) == set(range(7))
+    assert _kept(filter_logits(many, top_p=0.31)) == set(range(16))  # 15 * 0.02 = 0.30 < 0.31
+
+
 def test_top_k_keeps_exactly_k_tokens_breaking_ties_towards_the_lower_id():
     logits = jnp.array([[0.0, 2.0, 5.0, 2.0, 2.0, -1.0]])
     assert _kept(filter_logits(logits, top_k=3)) == {2, 1, 3}
@@ -317,6 +329,28 @@ def test_sampled_frequencies_match_the_renormalised_truncated_distribution(metho
     chi2 = float(((freq - expected)[expected > 0] ** 2 / expected[expected > 0]).sum() * n)
     dof = int((expected > 0).sum()) - 1
     assert chi2 < dof + 6 * math.sqrt(2 * dof)  # far above the 99.9% quantile for dof <= 5
+
+
+@pytest.mark.parametrize("scale,method,top_k,top_p", [
+    (3.0, "nucleus", None, 0.9),  # peaked: a few dozen tokens
+    (0.1, "nucleus", None, 0.9),  # flat: hundreds
+    (0.1, "top_k", 300, None),
+    (0.1, "top_k_nucleus", 400, 0.5),
+])
+def test_sampling_matches_the_definition_on_a_larger_vocabulary(scale, method, top_k, top_p):
+    V, n = 600, 40_000
+    logits_V = scale * jax.random.normal(jax.random.PRNGKey(2), (V,))
+    expected = reference_distribution(logits_V, temperature=1.0, top_k=top_k, top_p=top_p)
+    kept = set(np.flatnonzero(expected).tolist())
+    assert _kept(filter_logits(logits_V[None], top_k=top_k, top_p=top_p)) == kept
+    draws = sample_logits(jnp.broadcast_to(logits_V, (n, V)), jax.random.PRNGKey(3), method=method,
+                          top_k=top_k or 0, top_p=top_p or 0.0)
+    freq = np.bincount(np.asarray(draws), minlength=V) / n
+    np.testing.assert_array_equal(freq[expected == 0], 0.0)
+    support = expected > 0
+    chi2 = float(((freq - expected)[support] ** 2 / expected[support]).sum() * n)
+    dof = int(support.sum()) - 1
+    assert dof > 10 and chi2 < dof + 6 * math.sqrt(2 * dof), (chi2, dof)
 
 
 def test_samplers_are_jit_compatible_with_traced_settings():
