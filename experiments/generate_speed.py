@@ -1,11 +1,10 @@
-"""Decoding speed of ``gpt2_jax.sample.generate`` (random weights): new tokens/s and compile time.
+"""Decoding speed of ``gpt2_jax.sample.generate``: new tokens/s and compile time.
 
     python experiments/generate_speed.py --size=tiny --new_tokens=100 --long_tokens=512
     python experiments/generate_speed.py --run_dir=runs/tiny     # trained weights instead
 
-Random weights give a nearly uniform next-token distribution, the worst case for nucleus sampling
-(its kept set then spans thousands of tokens, so every step sorts the whole vocabulary); a trained
-model's peaked distributions usually take the fast path (see ``gpt2_jax.sample._sample_filtered``).
+Random weights give a nearly uniform next-token distribution (nucleus sets of ~28k tokens); the
+samplers never sort, so their cost does not depend on it (``gpt2_jax.sample._keep_first``).
 
 Rows: batch 1 and 8 × greedy and nucleus, within the context; then one long greedy generation per
 sliding-window setting (``slide_keep`` = n_ctx // 2, the default, vs n_ctx, the exact window).
