@@ -178,11 +178,12 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def restore_step(manager: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state=None) -> Restored:
-    """Read one step; ``abstract_opt_state=None`` reads only params and meta. Raises whatever Orbax raises."""
-    items = {"params": ocp.args.StandardRestore(_abstract(abstract_params)), "meta": ocp.args.JsonRestore()}
-    if abstract_opt_state is not None:
-        items["opt_state"] = ocp.args.StandardRestore(_abstract(abstract_opt_state))
+def restore_step(manager: ocp.CheckpointManager, step: int, params_like, opt_state_like=None) -> Restored:
+    """Read one step into the structure of ``params_like`` (arrays or shapes); ``opt_state_like=None`` reads
+    only params and meta. Raises whatever Orbax raises."""
+    items = {"params": ocp.args.StandardRestore(_abstract(params_like)), "meta": ocp.args.JsonRestore()}
+    if opt_state_like is not None:
+        items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
     out = manager.restore(step, args=ocp.args.Composite(**items))
     return Restored(step=step, params=out["params"], opt_state=out.get("opt_state"), meta=out["meta"])
 
@@ -216,7 +217,7 @@ def _describe(e: Exception) -> str:
     return f"{type(e).__name__}: {first[:160]}"
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_params, abstract_opt_state=None, *,
+def restore_latest(manager: ocp.CheckpointManager, params_like, opt_state_like=None, *,
                    warn: Warn = print_warning, quarantine: str | os.PathLike | None = None) -> Restored | None:
     """The newest readable checkpoint, or None when there is none.
 
@@ -226,7 +227,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_params, abstract_opt
     """
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            return restore_step(manager, step, abstract_params, abstract_opt_state)
+            return restore_step(manager, step, params_like, opt_state_like)
         except Exception as e:  # noqa: BLE001 - any failure to read means: not a usable checkpoint
             _silence_abandoned_reads()
             where = pathlib.Path(str(manager.directory)) / str(step)

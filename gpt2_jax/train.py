@@ -37,7 +37,8 @@ import numpy as np
 import optax
 from absl import flags
 from absl import logging as absl_logging
-from flax.jax_utils import replicate, unreplicate
+from flax import jax_utils
+from flax.jax_utils import unreplicate
 from jax import lax
 from tqdm import tqdm
 
@@ -204,6 +205,12 @@ def make_eval_step(cfg: GPT2Config, *, axis_name: str | None = AXIS) -> Callable
         return lax.psum(out, axis_name) if axis_name is not None else out
 
     return eval_step
+
+
+def replicate(tree, devices: Sequence[jax.Device] | None = None):
+    """One copy of ``tree`` per device (leading axis N), laid out exactly as ``pmap(axis_name=AXIS)`` returns
+    its outputs, so the step's second call does not compile again for a different input sharding."""
+    return jax_utils.replicate(tree, devices, axis_name=AXIS)
 
 
 def evaluate(p_eval_step: Callable, params_N, batches: Iterable[Batch]) -> tuple[float, float]:
@@ -383,7 +390,7 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
     p_train = jax.pmap(make_train_step(cfg, optimizer, schedule), axis_name=AXIS, in_axes=(0, 0, None),
                        donate_argnums=(0,), devices=devices)
     p_eval = jax.pmap(make_eval_step(cfg), axis_name=AXIS, devices=devices)
-    state_N = replicate(state, devices, axis_name=AXIS)  # the sharding pmap returns: no recompile at step 2
+    state_N = replicate(state, devices)
     del state
     batches = data.train_batches(corpus.tokens["train"], seq_len=cfg.n_ctx, global_batch=train_cfg.batch_size,
                                  seed=train_cfg.seed, start=position, num_devices=n_dev)
