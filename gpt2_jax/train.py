@@ -3,7 +3,8 @@
 The pure core, for research code that builds its own loop::
 
     train_cfg = TrainConfig(lr=6e-4, batch_size=32)
-    optimizer, schedule = make_optimizer(train_cfg, total_steps), make_schedule(train_cfg, total_steps)
+    num_steps = total_steps(train_cfg, steps_per_epoch)
+    optimizer, schedule = make_optimizer(train_cfg, num_steps), make_schedule(train_cfg, num_steps)
     state = init_train_state(cfg, optimizer, jax.random.PRNGKey(0))
     step = jax.pmap(make_train_step(cfg, optimizer, schedule), axis_name=AXIS, in_axes=(0, 0, None))
     state_N, metrics_N = step(replicate(state), batch_NBT, dropout_key)

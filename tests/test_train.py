@@ -265,7 +265,8 @@ def test_unreadable_latest_checkpoint_is_reported_once_set_aside_and_the_run_red
                                 jax.device_get(ckpt.load_run(finished_run).params))
 
 
-def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(cli_env, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(cli_env, tmp_path, sig):
     run_dir = tmp_path / "term"
     proc = subprocess.Popen(_cmd(run_dir, "--max_steps=100000", "--ckpt_every=100000", "--eval_every=100000"),
                             env=_env(cli_env, 1), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -274,11 +275,12 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(cli_en
     while not (run_dir / ckpt.METRICS_FILE).exists() or not _losses(run_dir):  # training is under way
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     last = max(s for s, _ in _losses(run_dir))
-    assert err.strip().splitlines()[-1].startswith(f"stopped by SIGTERM at step {last}: checkpoint saved"), err
+    assert err.strip().splitlines() == [f"stopped by {sig.name} at step {last}: checkpoint saved in {run_dir}; "
+                                        f"run the same command to resume"], err
     assert _steps(run_dir) == [last]  # the only save: --ckpt_every was never reached
     assert ckpt.load_run(run_dir).step == last
 
