@@ -193,15 +193,16 @@ def _silence_abandoned_reads() -> None:
 
     When one array of a checkpoint fails to read, Orbax closes its event loop while TensorStore
     still completes the other reads; each completion then raises RuntimeError('Event loop is
-    closed') into ``sys.unraisablehook``, and the failed read tasks may be logged by asyncio as
-    "Task exception was never retrieved": a traceback per array on stderr, seconds later. Only
+    closed') into ``sys.unraisablehook``, and the failed reads may be logged by asyncio as "Task/Future
+    exception was never retrieved": a traceback per array on stderr, seconds later. Only
     exactly those are dropped; everything else reaches the previous hook / the log. Installed once.
     """
     previous = sys.unraisablehook
     if getattr(previous, "_gpt2_jax_filter", False):
         return
-    logging.getLogger("asyncio").addFilter(
-        lambda r: not ("Task exception was never retrieved" in r.getMessage() and "async_deserialize" in r.getMessage()))
+    logging.getLogger("asyncio").addFilter(lambda r: not (
+        "exception was never retrieved" in r.getMessage()
+        and ("async_deserialize" in r.getMessage() or "tensorstore_spec" in r.getMessage())))
 
     def hook(unraisable):
         e = unraisable.exc_value
