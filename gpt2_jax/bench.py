@@ -70,8 +70,6 @@ def _environment() -> dict:
 def bench_train(cfg: GPT2Config, *, batch_size: int, steps: int, warmup: int, peak_tflops: float | None = None,
                 seed: int = 0) -> dict:
     """Time the real pmapped train step (AdamW, clipping, dropout) on a fixed random batch."""
-    from flax.jax_utils import replicate
-
     from gpt2_jax import train
 
     n_dev = jax.local_device_count()
@@ -81,7 +79,7 @@ def bench_train(cfg: GPT2Config, *, batch_size: int, steps: int, warmup: int, pe
     num_steps = warmup + steps + 2
     optimizer = train.make_optimizer(train_cfg, num_steps)
     schedule = train.make_schedule(train_cfg, num_steps)
-    state_N = replicate(train.init_train_state(cfg, optimizer, jax.random.PRNGKey(seed)))
+    state_N = train.replicate(train.init_train_state(cfg, optimizer, jax.random.PRNGKey(seed)))
     p_step = jax.pmap(train.make_train_step(cfg, optimizer, schedule), axis_name=train.AXIS,
                       in_axes=(0, 0, None), donate_argnums=(0,))
     T = cfg.n_ctx

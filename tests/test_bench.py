@@ -1,0 +1,75 @@
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2_jax import bench, train
+from gpt2_jax.config import GPT2Config
+
+from conftest import REPO
+
+
+def test_flops_per_token_is_six_n_plus_attention():
+    # small: non-embedding 85,056,000 + tied head 32000*768, plus 12 * L * D * T attention.
+    expected = 6 * (85_056_000 + 32_000 * 768) + 12 * 12 * 768 * 128
+    assert bench.train_flops_per_token(GPT2Config.preset("small")) == expected
+    assert abs(expected - 673e6) / 673e6 < 0.01  # the "about 673 MFLOP per token"
+
+
+def _losses(cfg, steps=40):
+    train_cfg = train.TrainConfig(batch_size=8, lr=3e-3, warmup_steps=2)
+    opt, sched = train.make_optimizer(train_cfg, steps), train.make_schedule(train_cfg, steps)
+    state = train.init_train_state(cfg, opt, jax.random.PRNGKey(0))
+    step = jax.jit(train.make_train_step(cfg, opt, sched, axis_name=None))
+    # A learnable stream: a few fixed random sequences seen again and again.
+    tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (8, cfg.n_ctx + 1), 0, cfg.vocab_size))
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((8, cfg.n_ctx), np.float32)}
+    out = []
+    for _ in range(steps):
+        state, m = step(state, batch, jax.random.PRNGKey(2))
+        out.append(float(m["loss"]))
+    return np.array(out), state
+
+
+def test_bfloat16_training_tracks_float32_within_noise(micro_cfg):
+    f32, state32 = _losses(micro_cfg)
+    bf16, state16 = _losses(micro_cfg.replace(dtype="bfloat16"))
+    assert f32[-1] < f32[0] - 1.0 and bf16[-1] < bf16[0] - 1.0  # both really learn
+    assert np.max(np.abs(f32 - bf16)) < 0.1
+    assert 0 < np.max(np.abs(f32 - bf16))  # and bf16 really ran in lower precision
+    assert state16.params["wte"]["embedding"].dtype == jnp.float32  # master weights stay fp32
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "gpt2_jax.bench", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=600, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+
+
+def test_train_bench_prints_one_consistent_json_line_last():
+    proc = _cli("train", "--size=tiny", "--batch_size=2", "--steps=2", "--warmup=0")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["bench"] == "train" and r["batch_size"] == 2 and r["seq_len"] == 128
+    assert r["tokens_per_s"] * r["ms_per_step"] / 1e3 == pytest.approx(2 * 128, rel=0.01)
+    assert r["mfu"] is None and r["backend"] == "cpu" and r["host_peak_rss_gib"] > 0
+    assert 9.0 < r["final_loss"] < 11.0  # about log(32000) = 10.37 at random init
+
+
+def test_generate_bench_prints_one_consistent_json_line_last():
+    proc = _cli("generate", "--size=tiny", "--batch_size=2", "--new_tokens=4", "--repeats=1", "--method=nucleus")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["bench"] == "generate" and r["method"] == "nucleus" and r["new_tokens"] == 4
+    assert r["new_tokens_per_s"] * r["ms_per_token"] / 1e3 == pytest.approx(2, rel=0.01)
+    assert r["time_to_first_token_ms"] > 0 and r["compile_s"] > 0
+
+
+@pytest.mark.parametrize("args,needle", [(["fly"], "subcommand"), (["train", "--size=huge"], "--size"),
+                                         (["generate", "--prompt_len=500"], "--prompt_len")])
+def test_bench_user_errors_exit_2_with_one_line(args, needle):
+    proc = _cli(*args)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
