@@ -63,11 +63,10 @@ def _residual_init(cfg: GPT2Config) -> nn.initializers.Initializer:
     return _init_normal(INIT_STD / math.sqrt(2 * cfg.n_layer))
 
 
-def attention_implementation(cfg: GPT2Config) -> str:
-    """The ``jax.nn.dot_product_attention`` backend: cuDNN's fused kernel on GPU, XLA elsewhere."""
-    if cfg.attention != "auto":
-        return cfg.attention
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+def attention_implementation(cfg: GPT2Config) -> str | None:
+    """The ``jax.nn.dot_product_attention`` backend; ``None`` (auto) lets JAX take cuDNN's fused
+    kernel where it supports the call (GPU, bf16) and fall back to XLA elsewhere."""
+    return None if cfg.attention == "auto" else cfg.attention
 
 
 def attend(
@@ -78,7 +77,7 @@ def attend(
     *,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
-    implementation: str = "xla",
+    implementation: str | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention; ``mask_BTS=None`` means causal over aligned T == S.
 
