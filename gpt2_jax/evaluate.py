@@ -25,13 +25,11 @@ import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
 from gpt2_jax import cli
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.model import forward, token_nll
 
 SPLIT_ALIASES = {"train": "train", "valid": "validation", "validation": "validation", "test": "test"}
 
@@ -71,41 +69,33 @@ class EvalResult:
         }
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def batch_nll_sum(params, cfg: GPT2Config, inputs_BT, targets_BT, mask_BT):
-    """(sum of masked token NLL, number of scored tokens) for one batch, deterministic forward."""
-    nll_BT = token_nll(forward(params, cfg, inputs_BT), targets_BT)
-    mask_BT = mask_BT.astype(jnp.float32)
-    return (nll_BT * mask_BT).sum(), mask_BT.sum()
+@functools.lru_cache(maxsize=8)
+def _pmapped_eval_step(cfg: GPT2Config, devices: tuple):
+    from gpt2_jax import train
+
+    return jax.pmap(train.make_eval_step(cfg), axis_name=train.AXIS, devices=devices)
 
 
 def score_tokens(params, cfg: GPT2Config, tokens: np.ndarray, *, seq_len: int | None = None,
-                 batch_size: int = 32, stride: int | None = None, progress=None) -> tuple[float, int]:
-    """Total NLL (float64, summed on the host) and count over every target token of ``tokens``."""
+                 batch_size: int = 32, stride: int | None = None, progress=None,
+                 devices: Sequence[jax.Device] | None = None) -> tuple[float, int]:
+    """Total NLL (summed in float64) and count over every target token of ``tokens``.
+
+    The same pmapped ``eval_step`` as training's validation, over all local devices by default.
+    """
+    from gpt2_jax import train
     from gpt2_jax.data import eval_batches, num_eval_batches
 
+    devices = tuple(jax.local_devices() if devices is None else devices)
+    if batch_size % len(devices):
+        raise cli.UserError(f"--batch_size={batch_size} is not divisible by the {len(devices)} local devices")
     seq_len = cfg.n_ctx if seq_len is None else seq_len
-    total, count = 0.0, 0
-    batches = eval_batches(tokens, seq_len=seq_len, batch_size=batch_size, stride=stride)
+    batches = eval_batches(tokens, seq_len=seq_len, batch_size=batch_size, stride=stride, num_devices=len(devices))
     if progress is not None:
         batches = progress(batches, total=num_eval_batches(len(tokens), seq_len=seq_len, batch_size=batch_size,
-                                                           stride=stride))
-    pending = []
-    for batch in batches:
-        flat = {k: v.reshape(-1, v.shape[-1]) for k, v in batch.items()}  # (N=1, b, T) -> (b, T)
-        pending.append(batch_nll_sum(params, cfg, flat["inputs"], flat["targets"], flat["mask"]))
-        if len(pending) >= 8:  # fetch in groups: keeps the device busy without unbounded queues
-            total, count = _drain(pending, total, count)
-    total, count = _drain(pending, total, count)
-    return total, count
-
-
-def _drain(pending, total, count):
-    for s, n in jax.device_get(pending):
-        total += float(s)
-        count += int(round(float(n)))
-    pending.clear()
-    return total, count
+                                                           num_devices=len(devices), stride=stride))
+    nll, count = train.evaluate(_pmapped_eval_step(cfg, devices), train.replicate(params, devices), batches)
+    return nll, int(round(count))
 
 
 def evaluate_split(params, cfg: GPT2Config, corpus, split: str, *, seq_len: int | None = None,
