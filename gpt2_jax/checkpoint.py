@@ -8,7 +8,11 @@ A run directory holds one training run::
     metrics.jsonl     one line per training step; evals.jsonl one line per evaluation; loss.png
 
 Checkpoints hold the train state UNREPLICATED (one copy, no device axis), so a run saved on N
-devices resumes on M. Orbax writes each step into a temporary directory and renames it when
+devices resumes on M, in one process or several. With several processes (``jax.distributed``)
+every process calls save and restore on the same run directory, which they must all see (a
+shared filesystem): the saved arrays are global, replicated over all devices, and Orbax writes
+them once (from the process holding replica 0) and commits the step from process 0; each process
+restores the whole state onto its own first device. Orbax writes each step into a temporary directory and renames it when
 complete, so a process killed mid-save leaves only a ``<step>.orbax-checkpoint-tmp-*`` folder that
 is never listed as a step. A checkpoint that exists but cannot be read (files removed, truncated)
 is reported in one warning line and the previous one is used.
@@ -30,6 +34,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from gpt2_jax import tokenizer as tokenizer_lib
@@ -235,8 +240,11 @@ def restore_latest(manager: ocp.CheckpointManager, params_like, opt_state_like=N
             moved = ""
             if quarantine is not None:
                 target = pathlib.Path(quarantine) / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(where), str(target))
+                if jax.process_index() == 0:  # several processes share the run dir: one moves, all see it
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(where), str(target))
+                if jax.process_count() > 1:
+                    multihost_utils.sync_global_devices(f"gpt2_jax: checkpoint {step} set aside")
                 manager.reload()
                 moved = f", moved to {target}"
             warn(f"checkpoint {where} is unreadable ({_describe(e)}){moved}; using the previous one")

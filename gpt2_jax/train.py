@@ -16,19 +16,29 @@ per-epoch progress bars, per-step metrics, evaluation, the loss plot, Orbax chec
 signals. Re-running the same command in the same ``--run_dir`` resumes from the newest complete
 checkpoint, bit for bit on the same devices: the state, the dropout key and the data position are
 all in the checkpoint, and every step's randomness is derived from (seed, step, device).
+
+Several hosts (``--distributed``, see ``init_distributed``): one process per host (or per GPU)
+joins JAX's multi-controller runtime; the same pmapped step then spans every device of every
+process, each process builds only its own rows of every global batch, process 0 alone writes
+logs, metrics and the plot, and all processes save and restore the Orbax checkpoints of one run
+directory that they all see (a shared filesystem). The global device index (``lax.axis_index``
+over all processes) picks a device's rows and dropout key, so 2 processes x 1 device train
+exactly as 1 process x 2 devices.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import pathlib
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import chex
 import flax
@@ -39,8 +49,8 @@ import optax
 from absl import flags
 from absl import logging as absl_logging
 from flax import jax_utils
-from flax.jax_utils import unreplicate
 from jax import lax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from gpt2_jax import checkpoint as ckpt
@@ -51,7 +61,7 @@ from gpt2_jax.cli import UserError, parse_flags, run
 from gpt2_jax.config import PRESETS, GPT2Config
 from gpt2_jax.model import forward, init_params, token_nll
 
-AXIS = "devices"  # the pmap axis: one entry per local device
+AXIS = "devices"  # the pmap axis: one entry per device of every process (each process holds its local ones)
 
 
 # ================================================================ pure core
@@ -209,9 +219,63 @@ def make_eval_step(cfg: GPT2Config, *, axis_name: str | None = AXIS) -> Callable
 
 
 def replicate(tree, devices: Sequence[jax.Device] | None = None):
-    """One copy of ``tree`` per device (leading axis N), laid out exactly as ``pmap(axis_name=AXIS)`` returns
-    its outputs, so the step's second call does not compile again for a different input sharding."""
+    """One copy of ``tree`` per local device (leading axis N), laid out exactly as ``pmap(axis_name=AXIS)``
+    returns its outputs, so the step's second call does not compile again for a different input sharding."""
     return jax_utils.replicate(tree, devices, axis_name=AXIS)
+
+
+def device_sharding(devices: Sequence[jax.Device] | None = None) -> jax.sharding.NamedSharding:
+    """Leading axis split over the local ``devices``: the layout ``replicate`` gives and pmap's inputs take."""
+    mesh = jax.sharding.Mesh(np.asarray(devices or jax.local_devices()), (AXIS,))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
+_first_copy = jax.jit(lambda tree_N: jax.tree.map(lambda x: x[0], tree_N))
+
+
+def unreplicate_global(tree_N):
+    """The one value of a pmap-replicated ``tree_N`` (leading axis = local devices) as global arrays
+    replicated over every device of every process, without a host copy.
+
+    That is the form in which Orbax saves a replicated value from several processes: every process
+    calls save, and only the holder of replica 0 writes. (A plain ``tree_N[0]`` is a host-local array,
+    which Orbax refuses in a multi-process run.)
+    """
+    leaves, treedef = jax.tree.flatten(tree_N)
+    devices = jax.local_devices()
+    by_device = {d: [] for d in devices}
+    for x in leaves:
+        shards = {s.device: s.data for s in x.addressable_shards}
+        assert sorted(shards, key=lambda d: d.id) == sorted(devices, key=lambda d: d.id), (x.sharding, devices)
+        for d in devices:
+            by_device[d].append(shards[d])
+    firsts = {d: _first_copy(by_device[d]) for d in devices}  # one dispatch per device, on that device
+    everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)),
+                                            jax.sharding.PartitionSpec())
+    out = [jax.make_array_from_single_device_arrays(x.shape[1:], everywhere, [firsts[d][i] for d in devices])
+           for i, x in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, out)
+
+
+def prefetch_to_devices(items: Iterator[tuple[Any, Batch]], sharding: jax.sharding.Sharding,
+                        depth: int = 2) -> Iterator[tuple[Any, Batch]]:
+    """``(tag, batch)`` pairs with each batch already sent to the devices, ``depth`` batches ahead.
+
+    Transfers are asynchronous, so the host builds and sends the next batches while the devices
+    run the dispatched steps. A tag (the data position after the batch) travels with its batch,
+    so whoever consumes a batch knows exactly where the stream stands, however far ahead it was read.
+    """
+    assert depth >= 1, depth
+    queue: collections.deque = collections.deque()
+
+    def enqueue(n: int) -> None:
+        for tag, batch in itertools.islice(items, n):
+            queue.append((tag, jax.device_put(batch, sharding)))
+
+    enqueue(depth)
+    while queue:
+        yield queue.popleft()
+        enqueue(1)
 
 
 def evaluate(p_eval_step: Callable, params_N, batches: Iterable[Batch]) -> tuple[float, float]:
@@ -271,6 +335,19 @@ def _define_flags() -> flags.FlagValues:
                          "still written)", flag_values=fv)
     flags.DEFINE_boolean("quiet", False, "no progress bars or eval lines, only warnings, errors and a summary",
                          flag_values=fv)
+    flags.DEFINE_boolean("distributed", None, "join a multi-process run through jax.distributed, one process per "
+                         "host (or per GPU), all sharing one --run_dir. Default: on when --coordinator_address, "
+                         "--num_processes or --process_id is given, or under srun / mpirun with 2+ tasks. "
+                         "--distributed alone lets JAX read SLURM, Open MPI or a Cloud TPU pod; --nodistributed: never",
+                         flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, reachable from every process "
+                        "(process 0 listens on PORT)", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "processes in the run (all started with the same flags)",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "this process's index in [0, --num_processes); process 0 writes the "
+                         "logs, metrics and plot", flag_values=fv)
+    flags.DEFINE_list("local_device_ids", None, "ids of the local devices this process uses, e.g. 0 or 0,1 "
+                      "(default: all of them; one GPU per task under SLURM / Open MPI)", flag_values=fv)
     return fv
 
 
@@ -293,10 +370,10 @@ class _StopRequest:
     """Signal handler that only records the signal; the loop saves and exits at the end of its step."""
 
     def __init__(self):
-        self.signal: str | None = None
+        self.signum = 0  # 0: none yet
 
     def __call__(self, signum, frame):
-        self.signal = signal.Signals(signum).name
+        self.signum = signum
         signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once, unsaved
 
 
@@ -304,9 +381,93 @@ class _Diverged(Exception):
     pass
 
 
-def _check_divisible(what: str, n: int, devices: int) -> None:
+def _check_divisible(what: str, n: int) -> None:
+    devices, processes = jax.device_count(), jax.process_count()
     if n % devices:
-        raise UserError(f"--{what}={n} is not divisible by the {devices} local devices; use a multiple of {devices}")
+        where = (f"{devices} local devices" if processes == 1 else
+                 f"{devices} devices ({processes} processes x {jax.local_device_count()} local devices)")
+        raise UserError(f"--{what}={n} is not divisible by the {where}; use a multiple of {devices}")
+
+
+# ---------------------------------------------------------------- the shell: several processes
+
+
+def cluster_task_count(environ: Mapping[str, str]) -> int:
+    """Tasks of the srun (SLURM) or mpirun (Open MPI) launch this process is part of; 1 outside both.
+
+    Reads the variables ``jax.distributed.initialize()`` configures itself from, so a run is made
+    distributed automatically exactly when JAX would find its peers there.
+    """
+    if "OMPI_MCA_orte_hnp_uri" in environ and "OMPI_COMM_WORLD_SIZE" in environ:  # set by mpirun only
+        return int(environ["OMPI_COMM_WORLD_SIZE"])
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(v in environ for v in slurm):
+        return int(environ["SLURM_NTASKS"])
+    return 1
+
+
+def init_distributed(fv: flags.FlagValues, environ: Mapping[str, str]) -> bool:
+    """Join the multi-process run the flags (or the cluster environment) ask for; False when there is none.
+
+    Must run before anything else touches JAX: it decides which devices exist.
+    """
+    explicit = [k for k in ("coordinator_address", "num_processes", "process_id", "local_device_ids")
+                if fv[k].value is not None]
+    if fv.distributed is False:
+        if explicit:
+            raise UserError(f"--nodistributed contradicts --{explicit[0]}; drop one of them")
+        return False
+    if not (fv.distributed or explicit or cluster_task_count(environ) > 1):
+        return False
+    if fv.num_processes is not None and fv.num_processes < 1:
+        raise UserError(f"--num_processes must be >= 1, got {fv.num_processes}")
+    if fv.process_id is not None and not 0 <= fv.process_id < (fv.num_processes or fv.process_id + 1):
+        raise UserError(f"--process_id={fv.process_id} must be in [0, --num_processes={fv.num_processes})")
+    try:
+        local_ids = None if fv.local_device_ids is None else [int(i) for i in fv.local_device_ids]
+    except ValueError:
+        raise UserError(f"--local_device_ids must be integers like 0 or 0,1, got {','.join(fv.local_device_ids)}") \
+            from None
+    # CPU devices of different processes all-reduce through gloo (GPUs use NCCL, TPUs their own links).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
+                                   process_id=fv.process_id, local_device_ids=local_ids)
+    except ValueError as e:  # settings missing and no cluster environment to read them from
+        raise UserError(f"cannot start a distributed run ({_first_line(e)}); outside SLURM, Open MPI or a TPU pod "
+                        f"pass --coordinator_address=HOST:PORT, --num_processes and --process_id") from None
+    except RuntimeError as e:  # coordinator unreachable, timed out, or JAX already in use in this process
+        raise UserError(f"cannot join the distributed run at {fv.coordinator_address or 'the detected coordinator'} "
+                        f"({_first_line(e)}); start every process with the same --coordinator_address, "
+                        f"--num_processes and a distinct --process_id") from None
+    return True
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _all_ok(error: UserError | None, doing: str) -> None:
+    """Raise in every process if ``error`` happened in any, so no process waits forever for a failed peer."""
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return
+    failed = multihost_utils.process_allgather(np.int32(error is not None))
+    if error is not None:
+        raise error
+    if failed.any():
+        raise UserError(f"process {int(np.argmax(failed))} failed while {doing} (its error says why); "
+                        f"every process stops")
+
+
+def _agree(signum: int, overdue: bool) -> tuple[int, bool]:
+    """(a signal any process received or 0, whether any process is overdue for a save): the same everywhere."""
+    if jax.process_count() == 1:
+        return signum, overdue
+    votes = multihost_utils.process_allgather(np.asarray([signum, overdue], np.int32))
+    signals = [int(v) for v in votes[:, 0] if v]
+    return (signals[0] if signals else 0), bool(votes[:, 1].any())
 
 
 def main(argv: Sequence[str]) -> int:
@@ -319,18 +480,73 @@ def main(argv: Sequence[str]) -> int:
     if fv.ckpt_minutes < 0:
         raise UserError(f"--ckpt_minutes must be >= 0 (0 = off), got {fv.ckpt_minutes}")
     cfg, train_cfg = configs_from_flags(fv)
+    init_distributed(fv, os.environ)  # before anything else touches JAX
+    primary = jax.process_index() == 0
     run_dir = pathlib.Path(fv.run_dir)
-    devices = jax.local_devices()
-    n_dev = len(devices)
     eval_batch = fv.eval_batch_size or train_cfg.batch_size
-    _check_divisible("batch_size", train_cfg.batch_size, n_dev)
-    _check_divisible("eval_batch_size", eval_batch, n_dev)
-    say = (lambda *a: None) if fv.quiet else functools.partial(print, file=sys.stderr)
+    _check_divisible("batch_size", train_cfg.batch_size)
+    _check_divisible("eval_batch_size", eval_batch)
+    say = functools.partial(print, file=sys.stderr) if primary and not fv.quiet else (lambda *a: None)
+    warn = ckpt.print_warning if primary else (lambda message: None)
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax reports routine progress at WARNING
 
-    # ---- the run directory: a new run, or the same config resumed
+    # ---- the run directory and the data: process 0 first (it alone creates files), then the others,
+    # which read its tokenizer.json, so every process encodes the data with the same tokenizer.
     record = {"model": cfg.to_dict(), "train": train_cfg.to_dict()}
+    opened, error = None, None
+    try:
+        if primary:
+            opened = _open_run(fv, cfg, train_cfg, record, run_dir, argv)
+    except UserError as e:
+        error = e
+    _all_ok(error, f"preparing {run_dir} and the data")
+    try:
+        if not primary:
+            opened = _open_run(fv, cfg, train_cfg, record, run_dir, argv)
+    except UserError as e:
+        error = e
+    _all_ok(error, f"reading {run_dir} and the data")
+    corpus, spe, num_steps = opened
+
+    schedule = make_schedule(train_cfg, num_steps)
+    optimizer = make_optimizer(train_cfg, num_steps)
+    params_key, dropout_key = jax.random.split(jax.random.PRNGKey(train_cfg.seed))
+    init = functools.partial(init_train_state, cfg, optimizer)
+    abstract = jax.eval_shape(init, params_key)
+    manager = ckpt.make_manager(run_dir, keep=fv.keep)
+    try:
+        restored = ckpt.restore_latest(manager, abstract.params, abstract.opt_state, warn=warn,
+                                       quarantine=run_dir / ckpt.CORRUPT_DIR)
+        if jax.process_count() > 1:
+            found = multihost_utils.process_allgather(np.int32(-1 if restored is None else restored.step))
+            if len(set(found.tolist())) > 1:
+                raise UserError(f"the processes found different checkpoints in {run_dir} (steps "
+                                f"{sorted(set(found.tolist()))}); --run_dir must be one folder all processes see")
+        if restored is None:
+            state, position, rng = jax.jit(init)(params_key), data.DataPosition(), dropout_key
+            if jax.process_count() > 1:  # every process starts from process 0's bits, whatever its float rounding
+                state = state.replace(params=multihost_utils.broadcast_one_to_all(state.params))
+        else:
+            state = TrainState(params=restored.params, opt_state=restored.opt_state,
+                               step=jnp.asarray(restored.step, jnp.int32))
+            position = data.DataPosition.from_dict(restored.meta["data_position"])
+            rng = jnp.asarray(restored.meta["rng"], jnp.uint32)
+            assert position == data.DataPosition(*divmod(restored.step, spe)), (position, restored.step, spe)
+            say(f"resuming {run_dir} from step {restored.step} (epoch {restored.step / spe:.2f})")
+        return _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, state, position, rng,
+                      spe, num_steps, eval_batch, say)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+
+
+def _open_run(fv, cfg, train_cfg, record, run_dir, argv) -> tuple[data.Corpus, int, int]:
+    """Check (or, in process 0, create) the run directory; load the corpus. -> (corpus, steps per epoch, steps)."""
+    primary = jax.process_index() == 0
     resuming = (run_dir / ckpt.RUN_FILE).exists()
+    if not resuming and not primary:
+        raise UserError(f"{run_dir / ckpt.RUN_FILE}, just written by process 0, is not visible to process "
+                        f"{jax.process_index()}; --run_dir must be on a filesystem all processes share")
     tok = None
     if resuming:
         saved = ckpt.read_run_json(run_dir)
@@ -352,53 +568,35 @@ def main(argv: Sequence[str]) -> int:
         tokenizer_lib.save_tokenizer(corpus.tokenizer, run_dir / ckpt.TOKENIZER_FILE)
         ckpt.write_run_json(run_dir, {**record, "steps_per_epoch": spe, "total_steps": num_steps,
                                       "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": list(argv)})
-
-    schedule = make_schedule(train_cfg, num_steps)
-    optimizer = make_optimizer(train_cfg, num_steps)
-    params_key, dropout_key = jax.random.split(jax.random.PRNGKey(train_cfg.seed))
-    init = functools.partial(init_train_state, cfg, optimizer)
-    abstract = jax.eval_shape(init, params_key)
-    manager = ckpt.make_manager(run_dir, keep=fv.keep)
-    try:
-        restored = ckpt.restore_latest(manager, abstract.params, abstract.opt_state,
-                                       quarantine=run_dir / ckpt.CORRUPT_DIR)
-        if restored is None:
-            state, position, rng = jax.jit(init)(params_key), data.DataPosition(), dropout_key
-        else:
-            state = TrainState(params=restored.params, opt_state=restored.opt_state,
-                               step=jnp.asarray(restored.step, jnp.int32))
-            position = data.DataPosition.from_dict(restored.meta["data_position"])
-            rng = jnp.asarray(restored.meta["rng"], jnp.uint32)
-            assert position == data.DataPosition(*divmod(restored.step, spe)), (position, restored.step, spe)
-            say(f"resuming {run_dir} from step {restored.step} (epoch {restored.step / spe:.2f})")
-        return _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, state, position, rng,
-                      spe, num_steps, eval_batch, devices, say)
-    finally:
-        manager.wait_until_finished()
-        manager.close()
+    return corpus, spe, num_steps
 
 
 def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, state, position, rng,
-           spe, num_steps, eval_batch, devices, say) -> int:
-    n_dev = len(devices)
+           spe, num_steps, eval_batch, say) -> int:
+    primary, multi = jax.process_index() == 0, jax.process_count() > 1
+    layout = {"num_devices": jax.local_device_count(), "process_index": jax.process_index(),
+              "process_count": jax.process_count()}
     step = int(state.step)
     metrics_path, evals_path = run_dir / ckpt.METRICS_FILE, run_dir / ckpt.EVALS_FILE
-    for path in (metrics_path, evals_path):
-        metrics_lib.drop_records_after(path, step)  # written after the checkpoint, recomputed identically below
-    step_records = metrics_lib.read_jsonl(metrics_path)
-    eval_records = metrics_lib.read_jsonl(evals_path)
+    if primary:
+        for path in (metrics_path, evals_path):
+            metrics_lib.drop_records_after(path, step)  # written after the checkpoint, recomputed identically below
+    # Every process reads the records: what is left to evaluate at the end is decided the same way everywhere.
+    step_records = [r for r in metrics_lib.read_jsonl(metrics_path) if r["step"] <= step]
+    eval_records = [r for r in metrics_lib.read_jsonl(evals_path) if r["step"] <= step]
 
     p_train = jax.pmap(make_train_step(cfg, optimizer, schedule), axis_name=AXIS, in_axes=(0, 0, None),
-                       donate_argnums=(0,), devices=devices)
-    p_eval = jax.pmap(make_eval_step(cfg), axis_name=AXIS, devices=devices)
-    state_N = replicate(state, devices)
+                       donate_argnums=(0,), devices=jax.devices())
+    p_eval = jax.pmap(make_eval_step(cfg), axis_name=AXIS, devices=jax.devices())
+    state_N = replicate(state, jax.local_devices())
     del state
-    batches = data.train_batches(corpus.tokens["train"], seq_len=cfg.n_ctx, global_batch=train_cfg.batch_size,
-                                 seed=train_cfg.seed, start=position, num_devices=n_dev)
+    batches = prefetch_to_devices(data.train_batches(
+        corpus.tokens["train"], seq_len=cfg.n_ctx, global_batch=train_cfg.batch_size, seed=train_cfg.seed,
+        start=position, **layout), device_sharding(jax.local_devices()))
 
     def run_eval(split: str) -> dict:
         nll, tokens = evaluate(p_eval, state_N.params, data.eval_batches(
-            corpus.tokens[split], seq_len=cfg.n_ctx, batch_size=eval_batch, num_devices=n_dev))
+            corpus.tokens[split], seq_len=cfg.n_ctx, batch_size=eval_batch, **layout))
         assert tokens == len(corpus.tokens[split]) - 1, (tokens, len(corpus.tokens[split]))  # each target once
         since = max([r["step"] for r in eval_records if r["split"] == "validation" and r["step"] < step], default=0)
         recent = [r["loss"] for r in step_records if since < r["step"] <= step]
@@ -407,10 +605,11 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
                "bits_per_byte": nll / (math.log(2) * corpus.bytes[split]), "tokens": int(tokens),
                "train_loss": float(np.mean(recent)) if recent else None}
         eval_records.append(rec)
-        metrics_lib.append_jsonl(evals_path, [rec])
-        metrics_lib.plot_losses(step_records, eval_records, run_dir / ckpt.PLOT_FILE, steps_per_epoch=spe,
-                                vocab_size=cfg.vocab_size, title=f"{run_dir.name}: {fv.size}, batch "
-                                f"{train_cfg.batch_size}x{cfg.n_ctx}, lr {train_cfg.lr:g}")
+        if primary:
+            metrics_lib.append_jsonl(evals_path, [rec])
+            metrics_lib.plot_losses(step_records, eval_records, run_dir / ckpt.PLOT_FILE, steps_per_epoch=spe,
+                                    vocab_size=cfg.vocab_size, title=f"{run_dir.name}: {fv.size}, batch "
+                                    f"{train_cfg.batch_size}x{cfg.n_ctx}, lr {train_cfg.lr:g}")
         say(f"step {step} (epoch {step / spe:.2f}): {split} loss {rec['loss']:.4f}, ppl {rec['ppl']:.2f}, "
             f"word ppl {rec['word_ppl']:.2f}")
         return rec
@@ -432,7 +631,9 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
         recs = [{"step": s, "epoch": s / spe, **{k: float(v[0]) for k, v in m.items() if k != "tokens"},
                  "tokens_per_s": tps} for (s, _), m in zip(take, host)]
         step_records.extend(recs)
-        metrics_lib.append_jsonl(metrics_path, recs)
+        if primary:
+            metrics_lib.append_jsonl(metrics_path, recs)
+        # The metrics are all-reduced: every process sees the same values and stops at the same step.
         bad = [r for r in recs if not all(math.isfinite(r[k]) for k in ("loss", "grad_norm", "param_norm"))]
         if bad:
             raise _Diverged(bad[0])
@@ -443,9 +644,11 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
 
     def save(val_loss: float | None) -> None:
         last_save[0] = time.monotonic()
-        ckpt.save_checkpoint(manager, step, params=unreplicate(state_N.params), opt_state=unreplicate(state_N.opt_state),
+        ckpt.save_checkpoint(manager, step, params=unreplicate_global(state_N.params),
+                             opt_state=unreplicate_global(state_N.opt_state),
                              meta={"step": step, "data_position": position.to_dict(), "rng": np.asarray(rng).tolist(),
-                                   "num_devices": n_dev}, val_loss=val_loss)
+                                   "num_devices": jax.device_count(), "num_processes": jax.process_count()},
+                             val_loss=val_loss)
 
     stop = _StopRequest()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -456,18 +659,22 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
             if bar is None:
                 in_epoch = min(spe, num_steps - epoch * spe)
                 bar = tqdm(total=in_epoch, initial=step - epoch * spe, desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
-                           unit="step", disable=fv.quiet, dynamic_ncols=True, file=sys.stderr)
+                           unit="step", disable=fv.quiet or not primary, dynamic_ncols=True, file=sys.stderr)
                 clock[0] = time.perf_counter()
-            position, batch = next(batches)
+            position, batch = next(batches)  # the position after this batch: saved with the state it produces
             state_N, m = p_train(state_N, batch, rng)
             step += 1
             pending.append((step, m))
             bar.update(1)
-            stopping = stop.signal  # read once: the signal may arrive anywhere in this iteration
             epoch_end, last = step % spe == 0, step == num_steps
             do_eval = step % fv.eval_every == 0 or epoch_end or last
-            overdue = fv.ckpt_minutes > 0 and time.monotonic() - last_save[0] >= 60 * fv.ckpt_minutes
-            do_save = do_eval or step % fv.ckpt_every == 0 or overdue or stopping is not None
+            # Signals and the save clock are per process; several processes act on them together at
+            # check-ins (every --log_every steps and at scheduled saves), one process at every step.
+            signum, overdue = 0, False
+            if not multi or do_eval or step % fv.ckpt_every == 0 or step % fv.log_every == 0:
+                due = fv.ckpt_minutes > 0 and time.monotonic() - last_save[0] >= 60 * fv.ckpt_minutes
+                signum, overdue = _agree(stop.signum, due)  # read once: a signal may arrive anywhere in this iteration
+            do_save = do_eval or step % fv.ckpt_every == 0 or overdue or signum != 0
             if do_eval or do_save:
                 flush(keep_last=False)  # a checkpoint is only written after its losses are seen finite
             elif len(pending) > fv.log_every:
@@ -477,11 +684,12 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
                 save(val_loss)
             if do_eval:
                 clock[0] = time.perf_counter()  # evaluation and saving are not training throughput
-            if stopping is not None:
+            if signum:
                 bar.close()
                 manager.wait_until_finished()
-                print(f"stopped by {stopping} at step {step}: checkpoint saved in {run_dir}; "
-                      f"run the same command to resume", file=sys.stderr)
+                if primary:
+                    print(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint saved in {run_dir}; "
+                          f"run the same command to resume", file=sys.stderr)
                 return 0
             if epoch_end or last:
                 bar.close()
@@ -508,9 +716,11 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
         else run_eval("test")
     manager.wait_until_finished()
     tps = float(np.median([r["tokens_per_s"] for r in step_records])) if step_records else float("nan")
-    print(f"done: {step} steps ({step / spe:.2f} epochs); validation loss {val['loss']:.4f} (ppl {val['ppl']:.2f}), "
-          f"test loss {test['loss']:.4f} (ppl {test['ppl']:.2f}, word ppl {test['word_ppl']:.2f}); "
-          f"median {tps:,.0f} tokens/s; plot {run_dir / ckpt.PLOT_FILE}", file=sys.stderr)
+    if primary:
+        print(f"done: {step} steps ({step / spe:.2f} epochs); validation loss {val['loss']:.4f} "
+              f"(ppl {val['ppl']:.2f}), test loss {test['loss']:.4f} (ppl {test['ppl']:.2f}, "
+              f"word ppl {test['word_ppl']:.2f}); "
+              f"median {tps:,.0f} tokens/s; plot {run_dir / ckpt.PLOT_FILE}", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,184 @@
+"""Several processes train as one: ``python -m gpt2_jax.train`` started as 2 processes on 127.0.0.1.
+
+The equivalence checked: 2 processes x 1 CPU device each (``jax.distributed`` on a free local port,
+gloo all-reduce between the processes) end BITWISE equal to 1 process x 2 CPU devices with the same
+global batch: same per-step losses, evaluations and parameters. Dropout is on (the micro model keeps
+the preset's 0.1), so this also shows that a device's rows and dropout key follow its global index
+over all processes, not its index within its process. With 2 operands an all-reduce sum is exact in
+any order, so no tolerance is needed. (1 process x 2 devices against 1 x 1, which differ only in the
+float summation order, is tests/test_train.py's two-and-four-device test.)
+
+Every subprocess has a deadline and is killed in a ``finally``, so a hung peer fails the test
+instead of hanging it. Micro model and the real WikiText-2, as in tests/test_train.py.
+"""
+
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import pytest
+
+from gpt2_jax import checkpoint as ckpt
+from gpt2_jax.metrics import read_jsonl
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MICRO = ["--vocab_size=512", "--n_ctx=16", "--n_layer=2", "--d_model=32", "--n_head=4", "--d_ff=64",
+         "--batch_size=8", "--eval_batch_size=1024", "--warmup_steps=2", "--lr=3e-3", "--quiet"]
+SHORT = ("--max_steps=6", "--ckpt_every=3", "--eval_every=1000")
+DEADLINE_S = 240
+
+
+@pytest.fixture(scope="module")
+def env(wikitext_dir, tmp_path_factory):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GPT2_JAX_DATA_DIR=str(wikitext_dir), PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    for cluster_var in ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri"):  # a test run inside srun/mpirun stays local
+        env.pop(cluster_var, None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(env, run_dir, *flags, processes: int, devices: int) -> list[subprocess.Popen]:
+    """``processes`` training processes of one run, each with ``devices`` CPU devices."""
+    env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    cmd = [sys.executable, "-m", "gpt2_jax.train", f"--run_dir={run_dir}", *MICRO, *flags]
+    if processes == 1:
+        cmds = [cmd]
+    else:
+        port = _free_port()
+        cmds = [cmd + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+                       f"--process_id={i}"] for i in range(processes)]
+    return [subprocess.Popen(c, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for c in cmds]
+
+
+def _finish(procs: list[subprocess.Popen], deadline: float) -> list[tuple[int, str]]:
+    """(exit code, stderr) of each process; any still running at ``deadline`` is killed, and so are all on error."""
+    try:
+        errs = [p.communicate(timeout=max(deadline - time.time(), 1))[1] for p in procs]
+        return [(p.returncode, err) for p, err in zip(procs, errs)]
+    finally:
+        _kill(procs)
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _run(env, run_dir, *flags, processes=1, devices=1, expect_rc=0) -> list[str]:
+    """Train to the end; the stderr of each process."""
+    results = _finish(_start(env, run_dir, *flags, processes=processes, devices=devices),
+                      time.time() + DEADLINE_S)
+    for i, (rc, err) in enumerate(results):
+        assert rc == expect_rc, f"process {i} exited {rc}:\n{err[-3000:]}"
+    return [err for _, err in results]
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(pathlib.Path(run_dir) / ckpt.METRICS_FILE)]
+
+
+def _params(run_dir, step):
+    return jax.device_get(ckpt.load_run(run_dir, step).params)
+
+
+def _assert_same_run(run_dir, reference):
+    """Every step once with bitwise equal losses, equal evaluations, bitwise equal final parameters."""
+    assert _losses(run_dir) == _losses(reference)
+    assert read_jsonl(run_dir / ckpt.EVALS_FILE) == read_jsonl(reference / ckpt.EVALS_FILE)
+    chex.assert_trees_all_equal(_params(run_dir, 6), _params(reference, 6))
+
+
+@pytest.fixture(scope="module")
+def one_process(env, tmp_path_factory):
+    """6 steps in 1 process with 2 devices (checkpoints at 3 and 6): the reference."""
+    run_dir = tmp_path_factory.mktemp("runs") / "one_process_two_devices"
+    _run(env, run_dir, *SHORT, processes=1, devices=2)
+    assert [s for s, _, _ in _losses(run_dir)] == list(range(1, 7))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def two_processes(env, tmp_path_factory):
+    """The same run by 2 processes with 1 device each; (run dir, stderr of each process)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "two_processes"
+    return run_dir, _run(env, run_dir, *SHORT, processes=2, devices=1)
+
+
+def test_two_processes_train_bitwise_like_one_process_with_two_devices(one_process, two_processes):
+    run_dir, _ = two_processes
+    _assert_same_run(run_dir, one_process)
+    assert [(r["split"], r["step"]) for r in read_jsonl(run_dir / ckpt.EVALS_FILE)] == [("validation", 6),
+                                                                                      ("test", 6)]
+
+
+def test_only_process_0_writes_logs_metrics_and_files(one_process, two_processes):
+    run_dir, (err0, err1) = two_processes
+    assert err1 == "", err1  # process 1 is silent
+    assert err0.startswith("done: 6 steps") and err0.count("\n") == 1, err0
+    # Each step's record is written once (two writers would append every record twice).
+    assert [s for s, _, _ in _losses(run_dir)] == list(range(1, 7))
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in one_process.iterdir())
+
+
+def test_checkpoint_saved_by_two_processes_resumes_in_one_and_ends_identical(env, one_process, two_processes,
+                                                                             tmp_path):
+    run_dir = tmp_path / "resumed_in_one"
+    shutil.copytree(two_processes[0], run_dir)
+    shutil.rmtree(run_dir / ckpt.CHECKPOINT_DIR / "6")  # as if stopped after step 3's checkpoint
+    _run(env, run_dir, *SHORT, processes=1, devices=2)
+    _assert_same_run(run_dir, one_process)
+
+
+def test_checkpoint_saved_by_one_process_resumes_in_two_and_ends_identical(env, one_process, tmp_path):
+    run_dir = tmp_path / "resumed_in_two"
+    shutil.copytree(one_process, run_dir)
+    shutil.rmtree(run_dir / ckpt.CHECKPOINT_DIR / "6")
+    _run(env, run_dir, *SHORT, processes=2, devices=1)
+    _assert_same_run(run_dir, one_process)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(env, tmp_path):
+    run_dir = tmp_path / "term"
+    procs = _start(env, run_dir, "--max_steps=100000", "--ckpt_every=100000", "--eval_every=100000",
+                   "--log_every=4", processes=2, devices=1)
+    deadline = time.time() + DEADLINE_S
+    try:
+        while not (run_dir / ckpt.METRICS_FILE).exists() or not _losses(run_dir):  # training is under way
+            assert all(p.poll() is None for p in procs) and time.time() < deadline
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)  # only process 1 is told
+        (rc0, err0), (rc1, err1) = _finish(procs, deadline)
+    finally:
+        _kill(procs)
+    assert (rc0, rc1) == (0, 0), (err0, err1)
+    last = max(s for s, _, _ in _losses(run_dir))
+    # Acted on at the next check-in, every --log_every steps, by both processes together.
+    assert last % 4 == 0 and err1 == ""
+    assert err0.strip().splitlines() == [f"stopped by SIGTERM at step {last}: checkpoint saved in {run_dir}; "
+                                         f"run the same command to resume"], err0
+    assert sorted(int(p.name) for p in (run_dir / ckpt.CHECKPOINT_DIR).iterdir() if p.name.isdigit()) == [last]
+    assert ckpt.load_run(run_dir).step == last
+
+
+def test_batch_not_divisible_by_all_devices_of_all_processes_is_one_line_and_exit_2_everywhere(env, tmp_path):
+    errs = _run(env, tmp_path / "r", "--batch_size=9", processes=2, devices=1, expect_rc=2)
+    assert errs == ["error: --batch_size=9 is not divisible by the 2 devices (2 processes x 1 local devices); "
+                    "use a multiple of 2\n"] * 2
+    assert not (tmp_path / "r").exists()
