@@ -303,8 +303,8 @@ def _define_flags() -> flags.FlagValues:
     flags.DEFINE_integer("epochs", d.epochs, "passes over the training split", flag_values=fv)
     flags.DEFINE_integer("max_steps", None, "stop after this many steps (the LR schedule is fitted to the "
                          "shorter run)", flag_values=fv)
-    flags.DEFINE_integer("batch_size", d.batch_size, "global batch in sequences, split over the local devices "
-                         "(must be divisible by their number)", flag_values=fv)
+    flags.DEFINE_integer("batch_size", d.batch_size, "global batch in sequences, split over all devices of all "
+                         "processes (must be divisible by their number)", flag_values=fv)
     flags.DEFINE_integer("eval_batch_size", None, "evaluation batch (default: --batch_size)", flag_values=fv)
     flags.DEFINE_float("lr", d.lr, "peak learning rate", flag_values=fv)
     flags.DEFINE_integer("warmup_steps", d.warmup_steps, "linear warmup steps before the cosine decay", flag_values=fv)
@@ -332,7 +332,8 @@ def _define_flags() -> flags.FlagValues:
     flags.DEFINE_integer("keep", 3, "checkpoints kept: the newest this many plus the best by validation loss",
                          flag_values=fv)
     flags.DEFINE_integer("log_every", 10, "fetch metrics from the devices every this many steps (each step is "
-                         "still written)", flag_values=fv)
+                         "still written); several processes also act on a signal or --ckpt_minutes only then",
+                         flag_values=fv)
     flags.DEFINE_boolean("quiet", False, "no progress bars or eval lines, only warnings, errors and a summary",
                          flag_values=fv)
     flags.DEFINE_boolean("distributed", None, "join a multi-process run through jax.distributed, one process per "
