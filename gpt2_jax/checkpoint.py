@@ -307,6 +307,35 @@ def load_run(run_dir: str | os.PathLike, step: int | str | None = None, *, warn:
     return LoadedRun(cfg=cfg, params=restored.params, tokenizer=tok, step=restored.step, run_dir=run_dir)
 
 
+def parse_step(text: str | None) -> int | str | None:
+    """A ``--step`` flag's value: None, "latest", "best" or a step number (UserError otherwise)."""
+    if text is None or text in ("latest", "best"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise UserError(f"--step must be a step number, 'latest' or 'best', got {text!r}")
+
+
+def load_model(run_dir: str | os.PathLike | None = None, hf_dir: str | os.PathLike | None = None,
+               step: int | str | None = None, *, warn: Warn = print_warning) -> LoadedRun:
+    """A model for inference from a training run (at ``step``) or a Hugging Face GPT-2 folder.
+
+    The one loader of the sampling and evaluation CLIs; an HF folder is reported as step 0.
+    """
+    if run_dir and hf_dir:
+        raise UserError("give one of --run_dir=DIR or --hf_dir=DIR, not both")
+    if hf_dir:
+        from gpt2_jax import hf  # only for Hugging Face folders
+
+        cfg, params, tok = hf.load_hf_with_tokenizer(hf_dir)
+        tokenizer_lib.check_vocab_matches(tok, cfg)
+        return LoadedRun(cfg=cfg, params=params, tokenizer=tok, step=0, run_dir=pathlib.Path(hf_dir))
+    if not run_dir:
+        raise UserError("--run_dir is required: the training run to load (e.g. --run_dir=runs/small), "
+                        "or --hf_dir=DIR for a Hugging Face GPT-2 folder")
+    return load_run(run_dir, parse_step(step) if isinstance(step, str) else step, warn=warn)
+
+
 def save_params_as_run(run_dir: str | os.PathLike, cfg: GPT2Config, params, tokenizer, step: int = 0,
                        *, source: str | None = None) -> pathlib.Path:
     """Make ``run_dir`` a run holding ``params`` (e.g. imported weights) that ``load_run`` reads.

@@ -139,24 +139,6 @@ def _define_flags() -> flags.FlagValues:
     return fv
 
 
-def _load_model(fv):
-    """(cfg, params, tokenizer, step label, folder for outputs) from --run_dir or --hf_dir."""
-    if bool(fv.run_dir) == bool(fv.hf_dir):
-        raise cli.UserError("give exactly one of --run_dir=DIR or --hf_dir=DIR")
-    if fv.hf_dir:
-        from gpt2_jax import hf
-
-        cfg, params, tokenizer = hf.load_hf_with_tokenizer(fv.hf_dir)
-        return cfg, params, tokenizer, "hf", pathlib.Path(fv.hf_dir)
-    from gpt2_jax.checkpoint import load_run
-
-    step = fv.step
-    if step is not None and step.isdigit():
-        step = int(step)
-    run = load_run(fv.run_dir, step)
-    return run.cfg, run.params, run.tokenizer, run.step, pathlib.Path(fv.run_dir)
-
-
 def main(argv: Sequence[str]) -> int:
     fv = cli.parse_flags(_define_flags(), argv, DESCRIPTION)
     if fv.split not in SPLIT_ALIASES:
@@ -165,7 +147,11 @@ def main(argv: Sequence[str]) -> int:
         raise cli.UserError(f"--stride must be >= 1, got {fv.stride}")
     if fv.batch_size < 1:
         raise cli.UserError(f"--batch_size must be >= 1, got {fv.batch_size}")
-    cfg, params, tokenizer, step, out_dir = _load_model(fv)
+    from gpt2_jax.checkpoint import load_model
+
+    model = load_model(fv.run_dir, fv.hf_dir, fv.step)
+    cfg, params, tokenizer = model.cfg, model.params, model.tokenizer
+    step, out_dir = ("hf" if fv.hf_dir else model.step), model.run_dir
     seq_len = fv.seq_len or cfg.n_ctx
     if not 2 <= seq_len <= cfg.n_ctx:
         raise cli.UserError(f"--seq_len must be between 2 and the model's context {cfg.n_ctx}, got {seq_len}")
@@ -173,9 +159,7 @@ def main(argv: Sequence[str]) -> int:
         raise cli.UserError(f"--stride={fv.stride} must not exceed the window length {seq_len}")
 
     from gpt2_jax.data import prepare_corpus
-    from gpt2_jax.tokenizer import check_vocab_matches
 
-    check_vocab_matches(tokenizer, cfg)
     corpus = prepare_corpus(fv.data_dir, tokenizer=tokenizer)
     progress = None
     if not fv.quiet:

@@ -473,31 +473,14 @@ class LoadedModel:
     description: str  # shown in the header: where the weights came from
 
 
-def _parse_step(text: str) -> int | str:
-    if text in ("latest", "best"):
-        return text
-    if text.isdigit():
-        return int(text)
-    raise UserError(f"--step must be a step number, 'latest' or 'best', got {text!r}")
-
-
 def _load_model(fv: flags.FlagValues) -> LoadedModel:
-    """Weights, config and tokenizer named by the flags (the one place other sources plug in)."""
+    """Weights, config and tokenizer named by the flags (a run at --step, or --hf_dir)."""
     from gpt2_jax import checkpoint, tokenizer  # CLI-only imports: research code needs neither
 
-    if fv.run_dir and fv.hf_dir:
-        raise UserError("give one of --run_dir=DIR or --hf_dir=DIR, not both")
-    if fv.hf_dir:
-        from gpt2_jax import hf
-
-        cfg, params, tok = hf.load_hf_with_tokenizer(fv.hf_dir)
-        tokenizer.check_vocab_matches(tok, cfg)
-        return LoadedModel(cfg, params, tok, tok.token_to_id(tokenizer.EOT), f"{fv.hf_dir} (Hugging Face)")
-    if not fv.run_dir:
-        raise UserError("--run_dir is required: the training run to sample from (e.g. --run_dir=runs/small)")
-    loaded = checkpoint.load_run(fv.run_dir, _parse_step(fv.step))  # checks tokenizer vs model vocab
+    loaded = checkpoint.load_model(fv.run_dir, fv.hf_dir, fv.step)  # checks tokenizer vs model vocab
+    where = f"{fv.hf_dir} (Hugging Face)" if fv.hf_dir else f"{loaded.run_dir} step {loaded.step}"
     return LoadedModel(loaded.cfg, loaded.params, loaded.tokenizer, loaded.tokenizer.token_to_id(tokenizer.EOT),
-                       f"{loaded.run_dir} step {loaded.step}")
+                       where)
 
 
 def _decode(tok, ids: Sequence[int]) -> str:

@@ -102,11 +102,13 @@ def test_cli_prints_one_json_line_consistent_with_library(tiny_run, wikitext_dir
 @pytest.mark.parametrize("args,needle", [
     (["--split=dev"], "--split"),
     (["--stride=0"], "--stride"),
-    ([], "exactly one of"),
+    ([], "--run_dir is required"),
+    (["--hf_dir=/nonexistent"], "not both"),
+    (["--step=last"], "--step must be"),
 ])
 def test_cli_user_errors_exit_2_with_one_line(tiny_run, args, needle):
     root = tiny_run[0]
-    run_arg = [] if needle == "exactly one of" else [f"--run_dir={root / 'run'}"]
+    run_arg = [] if needle == "--run_dir is required" else [f"--run_dir={root / 'run'}"]
     proc = subprocess.run([sys.executable, "-m", "gpt2_jax.evaluate", *run_arg, *args], capture_output=True,
                           text=True, cwd=REPO, timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
