@@ -106,12 +106,12 @@ def samples(run_dir: pathlib.Path, *, step: str = "best", max_new_tokens: int = 
     tok = run.tokenizer
     eos = tok.token_to_id(EOT)
     out = []
-    for prompt in PROMPTS:
+    for i, prompt in enumerate(PROMPTS):
         ids = tok.encode(prompt, add_special_tokens=False).ids
         row = {"prompt": prompt}
         for method, kw in SAMPLING:
             gen = np.asarray(generate(run.params, run.cfg, np.asarray([ids], np.int32), max_new_tokens=max_new_tokens,
-                                      method=method, rng=jax.random.PRNGKey(seed), eos_id=eos, **kw))[0]
+                                      method=method, rng=jax.random.PRNGKey(seed + i), eos_id=eos, **kw))[0]
             new = gen[len(ids):].tolist()
             if eos in new:
                 new = new[:new.index(eos)]
@@ -121,7 +121,7 @@ def samples(run_dir: pathlib.Path, *, step: str = "best", max_new_tokens: int = 
 
 
 def write_samples(path: pathlib.Path, by_run: dict[str, list[dict]]) -> None:
-    lines = ["# Samples", "", "Greedy, top-k (k=50) and nucleus (p=0.9) decoding, 60 new tokens, seed 0, from each "
+    lines = ["# Samples", "", "Greedy, top-k (k=50) and nucleus (p=0.9) decoding, 60 new tokens, seed 0 + prompt index, from each "
              "run's best checkpoint (lowest validation loss).", ""]
     for run, rows in by_run.items():
         lines += [f"## {run}", ""]
