@@ -22,7 +22,6 @@ import pathlib
 import platform
 import time
 
-import numpy as np
 
 OUT = pathlib.Path(__file__).resolve().parent / "results" / "bench"
 

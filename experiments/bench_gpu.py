@@ -30,8 +30,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
 
-    import jax
-
     from gpt2_jax.bench import _environment, bench_generate, bench_train, device_peak_tflops
     from gpt2_jax.config import GPT2Config
 

@@ -17,7 +17,6 @@ medium better than small. Writes experiments/results/best_recipe/.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import study
@@ -38,17 +37,12 @@ def run_name(size: str, setup: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = study.arg_parser(NAME, __doc__)
     p.add_argument("--search_size", default="small")
     p.add_argument("--final_sizes", default="small,medium")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--out", default=str(study.RESULTS / NAME))
-    p.add_argument("--runs", default=str(study.RUNS / NAME))
-    p.add_argument("--extra", default="", help="extra train flags, e.g. '--max_steps=20 --n_layer=1' for a smoke test")
     args = p.parse_args()
-    out, runs = study.pathlib.Path(args.out), study.pathlib.Path(args.runs)
-    out.mkdir(parents=True, exist_ok=True)
-    extra = dict(kv.lstrip("-").split("=", 1) for kv in args.extra.split())
+    out, runs, extra = study.paths_and_extra(args)
 
     def train(size, setup):
         run_dir = runs / run_name(size, setup)

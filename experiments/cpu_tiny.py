@@ -11,7 +11,6 @@ Writes experiments/results/cpu_tiny/.
 
 from __future__ import annotations
 
-import argparse
 
 import study
 
@@ -21,16 +20,11 @@ SETUP = {"size": "tiny", "batch_size": 32, "lr": 6e-4, "warmup_steps": 100, "wei
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = study.arg_parser(NAME, __doc__)
     p.add_argument("--epochs", type=int, default=1, help="1 epoch (557 steps) takes about 30 min on 2 busy cores")
     p.add_argument("--max_steps", type=int, default=None)
-    p.add_argument("--out", default=str(study.RESULTS / NAME))
-    p.add_argument("--runs", default=str(study.RUNS / NAME))
-    p.add_argument("--extra", default="", help="extra train flags, e.g. '--n_layer=1' for a smoke test")
     args = p.parse_args()
-    out, run_dir = study.pathlib.Path(args.out), study.pathlib.Path(args.runs)
-    out.mkdir(parents=True, exist_ok=True)
-    extra = dict(kv.lstrip("-").split("=", 1) for kv in args.extra.split())
+    out, run_dir, extra = study.paths_and_extra(args)
     setup = {**SETUP, "epochs": args.epochs, "quiet": "true", **extra}
     if args.max_steps:
         setup["max_steps"] = args.max_steps

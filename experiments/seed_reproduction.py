@@ -12,7 +12,6 @@ Writes experiments/results/seed_reproduction/.
 
 from __future__ import annotations
 
-import argparse
 
 import study
 
@@ -22,16 +21,11 @@ SETUP = {"epochs": 5, "batch_size": 32, "lr": 6e-4, "warmup_steps": 100, "weight
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = study.arg_parser(NAME, __doc__)
     p.add_argument("--sizes", default="small,medium")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (bfloat16 on GPU)")
-    p.add_argument("--out", default=str(study.RESULTS / NAME))
-    p.add_argument("--runs", default=str(study.RUNS / NAME))
-    p.add_argument("--extra", default="", help="extra train flags, e.g. '--max_steps=20 --n_layer=1' for a smoke test")
     args = p.parse_args()
-    out, runs = study.pathlib.Path(args.out), study.pathlib.Path(args.runs)
-    out.mkdir(parents=True, exist_ok=True)
-    extra = dict(kv.lstrip("-").split("=", 1) for kv in args.extra.split())
+    out, runs, extra = study.paths_and_extra(args)
 
     record = {"study": NAME, "hardware": study.hardware(), "setup": SETUP, "dtype": args.dtype, "runs": {}}
     all_samples = {}

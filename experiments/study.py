@@ -10,6 +10,7 @@ Run directories (checkpoints) stay under ``runs/`` (git-ignored).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -34,6 +35,23 @@ REPORT = {
     "small": {"test_token_ppl": 306.19, "val_loss_plateau": 5.67, "time_per_epoch": "2:23"},
     "medium": {"test_token_ppl": 279.78, "val_loss_plateau": 5.58, "time_per_epoch": "6:47"},
 }
+
+
+def arg_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """A study's flags: its own, plus --out (results), --runs (run dirs) and --extra (train flags)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(RESULTS / name), help="where the results go")
+    p.add_argument("--runs", default=str(RUNS / name), help="where the run directories go")
+    p.add_argument("--extra", default="", help="extra train flags, e.g. '--max_steps=20 --n_layer=1' for a smoke test")
+    return p
+
+
+def paths_and_extra(args) -> tuple[pathlib.Path, pathlib.Path, dict]:
+    """(results folder, created; runs folder; --extra as a dict of train flags)."""
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = dict(kv.lstrip("-").split("=", 1) for kv in args.extra.split())
+    return out, pathlib.Path(args.runs), extra
 
 
 def hardware() -> str:
