@@ -55,6 +55,7 @@ from tqdm import tqdm
 
 from gpt2_jax import checkpoint as ckpt
 from gpt2_jax import data
+from gpt2_jax import evaluate as evaluate_lib
 from gpt2_jax import metrics as metrics_lib
 from gpt2_jax import tokenizer as tokenizer_lib
 from gpt2_jax.cli import UserError, parse_flags, run
@@ -601,9 +602,10 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
         assert tokens == len(corpus.tokens[split]) - 1, (tokens, len(corpus.tokens[split]))  # each target once
         since = max([r["step"] for r in eval_records if r["split"] == "validation" and r["step"] < step], default=0)
         recent = [r["loss"] for r in step_records if since < r["step"] <= step]
-        rec = {"step": step, "epoch": step / spe, "split": split, "loss": nll / tokens, "ppl": math.exp(nll / tokens),
-               "word_ppl": math.exp(nll / corpus.words[split]),
-               "bits_per_byte": nll / (math.log(2) * corpus.bytes[split]), "tokens": int(tokens),
+        res = evaluate_lib.EvalResult(split=split, nll_sum=nll, tokens=int(tokens), words=corpus.words[split],
+                                      bytes=corpus.bytes[split], seq_len=cfg.n_ctx, stride=None)
+        rec = {"step": step, "epoch": step / spe, "split": split, "loss": res.mean_nll, "ppl": res.token_ppl,
+               "word_ppl": res.word_ppl, "bits_per_byte": res.bits_per_byte, "tokens": res.tokens,
                "train_loss": float(np.mean(recent)) if recent else None}
         eval_records.append(rec)
         if primary:
