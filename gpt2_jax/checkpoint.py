@@ -316,6 +316,18 @@ def parse_step(text: str | None) -> int | str | None:
     raise UserError(f"--step must be a step number, 'latest' or 'best', got {text!r}")
 
 
+def define_model_flags(flag_values, verb: str) -> None:
+    """--run_dir, --hf_dir and --step on a CLI's FlagValues: the flags ``load_model`` takes."""
+    from absl import flags  # CLI-only
+
+    flags.DEFINE_string("run_dir", None, f"Training run to {verb} (run.json, tokenizer.json, checkpoints/).",
+                        flag_values=flag_values)
+    flags.DEFINE_string("hf_dir", None, f"{verb.capitalize()} a Hugging Face GPT-2 folder (config.json, "
+                        "model.safetensors, tokenizer) instead of a run directory.", flag_values=flag_values)
+    flags.DEFINE_string("step", "latest", "Checkpoint to load: a step number, 'latest' (newest complete) "
+                        "or 'best' (lowest validation loss).", flag_values=flag_values)
+
+
 def load_model(run_dir: str | os.PathLike | None = None, hf_dir: str | os.PathLike | None = None,
                step: int | str | None = None, *, warn: Warn = print_warning) -> LoadedRun:
     """A model for inference from a training run (at ``step``) or a Hugging Face GPT-2 folder.

@@ -118,16 +118,13 @@ DESCRIPTION = __doc__
 
 
 def _define_flags() -> flags.FlagValues:
+    from gpt2_jax.checkpoint import define_model_flags
+
     fv = flags.FlagValues()
-    flags.DEFINE_string("run_dir", None, "Run directory written by gpt2_jax.train (or gpt2_jax.convert).",
-                        flag_values=fv)
-    flags.DEFINE_string("hf_dir", None, "Evaluate a Hugging Face GPT-2 folder (config.json + model.safetensors "
-                        "+ tokenizer) instead of a run directory.", flag_values=fv)
+    define_model_flags(fv, "evaluate")
     flags.DEFINE_string("split", "test", "Split to score: train, valid (alias validation) or test.", flag_values=fv)
     flags.DEFINE_string("data_dir", os.environ.get("GPT2_JAX_DATA_DIR"),
                         "Folder with wiki.{train,valid,test}.tokens or the archive (default $GPT2_JAX_DATA_DIR).",
-                        flag_values=fv)
-    flags.DEFINE_string("step", None, "Checkpoint step to evaluate: a number, 'latest' (default) or 'best'.",
                         flag_values=fv)
     flags.DEFINE_integer("stride", None, "Sliding-window evaluation: score this many new tokens per window, each "
                          "with up to seq_len-1 tokens of context. Default: disjoint windows.", flag_values=fv)

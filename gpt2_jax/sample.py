@@ -439,13 +439,10 @@ STREAM_CHUNK = 8  # tokens per streamed print: one host round trip per chunk, in
 
 def define_flags() -> flags.FlagValues:
     """The sampler's flags on a private FlagValues (a tool extending the CLI adds its own here)."""
+    from gpt2_jax.checkpoint import define_model_flags  # CLI-only import
+
     fv = flags.FlagValues()
-    flags.DEFINE_string("run_dir", None, "Training run directory (run.json, tokenizer.json, checkpoints/).",
-                        flag_values=fv)
-    flags.DEFINE_string("hf_dir", None, "Sample from a Hugging Face GPT-2 folder (config.json, model.safetensors, "
-                        "tokenizer) instead of a run directory.", flag_values=fv)
-    flags.DEFINE_string("step", "latest", "Checkpoint to load: a step number, 'latest' (newest complete) "
-                        "or 'best' (lowest validation loss).", flag_values=fv)
+    define_model_flags(fv, "sample from")
     flags.DEFINE_enum("method", "nucleus", CLI_METHODS, "Decoding method; 'all' prints greedy, top_k and "
                       "nucleus side by side; top_k_nucleus applies top-k then top-p.", flag_values=fv)
     flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for several prompts.",
