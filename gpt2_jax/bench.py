@@ -142,21 +142,27 @@ def _define_flags() -> flags.FlagValues:
     flags.DEFINE_enum("size", "tiny", list(PRESETS), "Model preset.", flag_values=fv)
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                       "Compute dtype (default: bfloat16 on GPU, float32 elsewhere).", flag_values=fv)
-    flags.DEFINE_integer("batch_size", None, "Global batch (default: 32 train, 1 generate).", flag_values=fv)
-    flags.DEFINE_integer("steps", 10, "train: timed steps.", flag_values=fv)
-    flags.DEFINE_integer("warmup", 2, "train: untimed steps after the compile.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", None, "Global batch (default: 32 train, 1 generate).", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("steps", 10, "train: timed steps.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("warmup", 2, "train: untimed steps after the compile.", lower_bound=0, flag_values=fv)
     flags.DEFINE_bool("remat", False, "train: recompute activations in the backward pass.", flag_values=fv)
-    flags.DEFINE_float("dropout", None, "Override the preset's dropout (both kinds); 0 lets attention use "
-                       "the fused kernel.", flag_values=fv)
+    flags.DEFINE_float("dropout", None, "Override the preset's dropout (both kinds), in [0, 1); 0 lets attention "
+                       "use the fused kernel.", flag_values=fv)
+    cli.check(fv, "dropout", lambda p: 0 <= p < 1, "must be in [0, 1)")
     flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"], "Attention implementation.", flag_values=fv)
     flags.DEFINE_float("peak_tflops", None, "Device peak for MFU (default: from the device table; none on CPU).",
                        flag_values=fv)
-    flags.DEFINE_integer("prompt_len", 16, "generate: prompt tokens.", flag_values=fv)
-    flags.DEFINE_integer("new_tokens", 64, "generate: new tokens per row.", flag_values=fv)
+    cli.check(fv, "peak_tflops", lambda t: t > 0, "must be > 0")
+    flags.DEFINE_integer("prompt_len", 16, "generate: prompt tokens, at most the preset's context.", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("new_tokens", 64, "generate: new tokens per row.", lower_bound=1, flag_values=fv)
     flags.DEFINE_enum("method", "greedy", ["greedy", "top_k", "nucleus"], "generate: decoding method.",
                       flag_values=fv)
-    flags.DEFINE_integer("repeats", 3, "generate: timed runs (best counts).", flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "Random weights and tokens.", flag_values=fv)
+    flags.DEFINE_integer("repeats", 3, "generate: timed runs (best counts).", lower_bound=1, flag_values=fv)
+    # jax.random.PRNGKey keeps 32 bits: a larger seed would silently repeat a smaller one.
+    flags.DEFINE_integer("seed", 0, "Random weights and tokens.", lower_bound=0, upper_bound=2**32 - 1,
+                         flag_values=fv)
     return fv
 
 
@@ -169,24 +175,21 @@ def main(argv: Sequence[str]) -> int:
         raise cli.UserError("first argument must be a subcommand: train or generate (see --help)")
     command = argv.pop(1)
     fv = cli.parse_flags(_define_flags(), argv, __doc__)
+    n_ctx = PRESETS[fv.size].n_ctx
+    if command == "generate" and fv.prompt_len > n_ctx:
+        raise cli.UserError(f"--prompt_len={fv.prompt_len} exceeds the {fv.size} preset's context of {n_ctx} tokens")
     dtype = fv.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     overrides = dict(dtype=dtype, remat=fv.remat, attention=fv.attention)
     if fv.dropout is not None:
         overrides.update(dropout=fv.dropout, attn_dropout=fv.dropout)
     cfg = GPT2Config.preset(fv.size, **overrides)
     if command == "train":
-        batch = fv.batch_size or 32
-        if batch < 1 or fv.steps < 1 or fv.warmup < 0:
-            raise cli.UserError("--batch_size and --steps must be >= 1 and --warmup >= 0")
         peak = fv.peak_tflops if fv.peak_tflops is not None else device_peak_tflops(dtype)
-        result = bench_train(cfg, batch_size=batch, steps=fv.steps, warmup=fv.warmup, peak_tflops=peak,
-                             seed=fv.seed)
+        result = bench_train(cfg, batch_size=fv.batch_size or 32, steps=fv.steps, warmup=fv.warmup,
+                             peak_tflops=peak, seed=fv.seed)
     else:
-        batch = fv.batch_size or 1
-        if batch < 1 or fv.new_tokens < 1 or not 1 <= fv.prompt_len <= cfg.n_ctx:
-            raise cli.UserError(f"need --batch_size >= 1, --new_tokens >= 1, 1 <= --prompt_len <= {cfg.n_ctx}")
-        result = bench_generate(cfg, batch_size=batch, prompt_len=fv.prompt_len, new_tokens=fv.new_tokens,
-                                method=fv.method, repeats=fv.repeats, seed=fv.seed)
+        result = bench_generate(cfg, batch_size=fv.batch_size or 1, prompt_len=fv.prompt_len,
+                                new_tokens=fv.new_tokens, method=fv.method, repeats=fv.repeats, seed=fv.seed)
     record = {**result, "size": fv.size, "dtype": dtype, "remat": fv.remat, "attention": fv.attention,
               **_environment()}
     print(json.dumps(record))

@@ -4,12 +4,20 @@ Flags are absl-style (``--flag=value``) but each tool defines them on its OWN ``
 (never absl's global ``FLAGS``), so importing several tools, or their pure functions from
 research code, registers nothing global. A user's mistake raises ``UserError``; ``run`` prints
 it as one line on stderr and exits with status 2, without a traceback.
+
+Ranges are declared with the flag (absl's ``lower_bound``/``upper_bound``, shown in ``--help``, or
+``check`` for the rest) so a bad value is refused while parsing, before any data or model is
+loaded. ``parse_flags`` adds two rules for every tool: a float flag must be finite (NaN slips
+through every range comparison), and a string or list flag given as ``--flag=`` must not be
+empty (usually ``--run_dir=$DIR`` with ``DIR`` unset, which would silently mean the default).
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import flags
 
@@ -18,8 +26,43 @@ class UserError(Exception):
     """A mistake the user can fix (bad flag, missing file, wrong run dir): one line, exit code 2."""
 
 
+def check(flag_values: flags.FlagValues, name: str, ok: Callable[[Any], bool], requirement: str) -> None:
+    """Refuse ``--name`` at parse time unless ``ok(value)`` (None, an unset default, always passes).
+
+    The error reads ``flag --name=VALUE: <requirement>``, e.g. ``requirement="must be in (0, 1]"``.
+    """
+    flags.register_validator(name, lambda v: v is None or ok(v), message=requirement, flag_values=flag_values)
+
+
+def _one_line(text: str) -> str:
+    # A flag value may hold a newline; the error must stay one line.
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _unknown_flag(e: flags.UnrecognizedFlagError, flag_values: flags.FlagValues) -> str:
+    names = [n for n in flag_values] + [f"no{n}" for n in flag_values if flag_values[n].boolean]
+    close = difflib.get_close_matches(e.flagname, names, n=2)
+    hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
+    return f"unknown flag --{e.flagname}{hint} (see --help)"
+
+
+def _check_given_values(flag_values: flags.FlagValues) -> None:
+    for name in flag_values:
+        flag = flag_values[name]
+        if not flag.present:
+            continue
+        if isinstance(flag.value, float) and not math.isfinite(flag.value):
+            raise UserError(f"flag --{name}={flag.value}: must be a finite number (see --help)")
+        if flag.value == "" or flag.value == []:  # a plain string or a list, given as --name=
+            raise UserError(f"flag --{name}= is empty; give a value or leave the flag out (see --help)")
+
+
 def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str], description: str = "") -> flags.FlagValues:
-    """Parse ``argv`` (program name first) into ``flag_values``; ``--help`` prints help and exits 0."""
+    """Parse ``argv`` (program name first) into ``flag_values``; ``--help`` prints help and exits 0.
+
+    Any mistake (unknown flag, missing or malformed value, value out of range) is a one-line
+    ``UserError`` that names the flag.
+    """
     args = list(argv)
     if any(a in ("--help", "-h", "--helpfull", "-?") for a in args[1:]):
         prog = args[0] if args else "gpt2_jax"
@@ -30,8 +73,11 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str], description:
         sys.exit(0)
     try:
         rest = flag_values(args)
-    except flags.Error as e:
-        raise UserError(f"{e} (see --help)") from None
+    except flags.UnrecognizedFlagError as e:
+        raise UserError(_unknown_flag(e, flag_values)) from None
+    except (flags.Error, ValueError) as e:  # absl raises a bare ValueError for "--noquiet=1"
+        raise UserError(f"{_one_line(str(e))} (see --help)") from None
+    _check_given_values(flag_values)
     if len(rest) > 1:
         raise UserError(f"unexpected positional arguments {rest[1:]}; flags are written --name=value (see --help)")
     return flag_values
@@ -43,6 +89,6 @@ def run(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None 
     try:
         code = main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)

@@ -56,12 +56,9 @@ def main(argv: Sequence[str]) -> int:
               f"into run {fv.run_dir} at step 0")
         return 0
 
-    from gpt2_jax.checkpoint import load_run
+    from gpt2_jax.checkpoint import load_run, parse_step
 
-    step = fv.step
-    if step is not None and step.isdigit():
-        step = int(step)
-    loaded = load_run(fv.run_dir, step)
+    loaded = load_run(fv.run_dir, parse_step(fv.step))
     folder = hf.save_hf(loaded.cfg, loaded.params, fv.to_hf, loaded.tokenizer)
     print(f"exported {loaded.run_dir} step {loaded.step} ({param_count(loaded.cfg):,} parameters) to {folder}")
     return 0

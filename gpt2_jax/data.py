@@ -512,20 +512,27 @@ def eval_batches(tokens, *, seq_len: int, batch_size: int, num_devices: int = 1,
 # CLI: prepare everything ahead of training and print what was prepared.
 
 
-def main(argv: Sequence[str]) -> None:
-    import time
-
+def _define_flags():
     from absl import flags
-
-    from gpt2_jax.cli import parse_flags
 
     fv = flags.FlagValues()
     flags.DEFINE_string("data_dir", None, f"folder with wiki.*.tokens or the zip archive, or the archive itself "
                         f"(default ${DATA_DIR_ENV}, then TFDS's manual dir, then a download)", flag_values=fv)
     flags.DEFINE_string("cache_dir", None, f"where the prepared dataset, tokenizer and token streams are kept "
                         f"(default ${CACHE_ENV} or ~/.cache/gpt2_jax)", flag_values=fv)
-    flags.DEFINE_integer("vocab_size", 32000, "BPE vocabulary size, <|endoftext|> included", flag_values=fv)
+    # 258: the smallest byte-level BPE train_tokenizer makes (256 bytes, <|endoftext|>, one merge).
+    flags.DEFINE_integer("vocab_size", 32000, "BPE vocabulary size, <|endoftext|> included", lower_bound=258,
+                         flag_values=fv)
     flags.DEFINE_enum("variant", "wikitext-2-v1", list(VARIANTS), "WikiText-2 variant", flag_values=fv)
+    return fv
+
+
+def main(argv: Sequence[str]) -> None:
+    import time
+
+    from gpt2_jax.cli import parse_flags
+
+    fv = _define_flags()
     parse_flags(fv, argv, "Prepare WikiText-2 (TFDS builder, BPE tokenizer, token streams) and print its sizes.")
     tfds.disable_progress_bar()
     t0 = time.perf_counter()

@@ -122,14 +122,20 @@ def _define_flags() -> flags.FlagValues:
 
     fv = flags.FlagValues()
     define_model_flags(fv, "evaluate")
-    flags.DEFINE_string("split", "test", "Split to score: train, valid (alias validation) or test.", flag_values=fv)
-    flags.DEFINE_string("data_dir", os.environ.get("GPT2_JAX_DATA_DIR"),
+    flags.DEFINE_enum("split", "test", list(SPLIT_ALIASES), "Split to score (valid is an alias of validation).",
+                      flag_values=fv)
+    flags.DEFINE_string("data_dir", os.environ.get("GPT2_JAX_DATA_DIR") or None,
                         "Folder with wiki.{train,valid,test}.tokens or the archive (default $GPT2_JAX_DATA_DIR).",
                         flag_values=fv)
     flags.DEFINE_integer("stride", None, "Sliding-window evaluation: score this many new tokens per window, each "
-                         "with up to seq_len-1 tokens of context. Default: disjoint windows.", flag_values=fv)
-    flags.DEFINE_integer("seq_len", None, "Window length (default: the model's context).", flag_values=fv)
-    flags.DEFINE_integer("batch_size", 32, "Windows per forward pass.", flag_values=fv)
+                         "with up to seq_len-1 tokens of context; at most seq_len. Default: disjoint windows.",
+                         lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("seq_len", None, "Window length, at most the model's context (default: the context).",
+                         lower_bound=2, flag_values=fv)
+    flags.register_multi_flags_validator(
+        ["stride", "seq_len"], lambda f: None in (f["stride"], f["seq_len"]) or f["stride"] <= f["seq_len"],
+        message="--stride must not exceed --seq_len, the window it moves in", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "Windows per forward pass.", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("output", None, "Where to save the JSON (default: <run_dir>/eval_<split>_<step>.json).",
                         flag_values=fv)
     flags.DEFINE_bool("quiet", False, "No progress bar.", flag_values=fv)
@@ -138,12 +144,6 @@ def _define_flags() -> flags.FlagValues:
 
 def main(argv: Sequence[str]) -> int:
     fv = cli.parse_flags(_define_flags(), argv, DESCRIPTION)
-    if fv.split not in SPLIT_ALIASES:
-        raise cli.UserError(f"--split={fv.split!r} is not a split; use train, valid (or validation) or test")
-    if fv.stride is not None and fv.stride < 1:
-        raise cli.UserError(f"--stride must be >= 1, got {fv.stride}")
-    if fv.batch_size < 1:
-        raise cli.UserError(f"--batch_size must be >= 1, got {fv.batch_size}")
     from gpt2_jax.checkpoint import load_model
 
     model = load_model(fv.run_dir, fv.hf_dir, fv.step)

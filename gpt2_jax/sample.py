@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from gpt2_jax.cli import UserError, parse_flags, run
+from gpt2_jax.cli import UserError, check, parse_flags, run
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.model import GPT2, KVCache, init_cache
 
@@ -445,20 +445,43 @@ def define_flags() -> flags.FlagValues:
     define_model_flags(fv, "sample from")
     flags.DEFINE_enum("method", "nucleus", CLI_METHODS, "Decoding method; 'all' prints greedy, top_k and "
                       "nucleus side by side; top_k_nucleus applies top-k then top-p.", flag_values=fv)
-    flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for several prompts.",
+    flags.DEFINE_multi_string("prompt", None, "Prompt text (UTF-8); repeat the flag for several prompts.",
                               flag_values=fv)
-    flags.DEFINE_integer("max_new_tokens", 60, "Tokens to generate after each prompt.", flag_values=fv)
-    flags.DEFINE_integer("top_k", 50, "top_k: sample among the k most likely tokens.", flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 60, "Tokens to generate after each prompt.", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("top_k", 50, "top_k: sample among the k most likely tokens (at most the vocabulary).",
+                         lower_bound=1, flag_values=fv)
     flags.DEFINE_float("top_p", 0.9, "nucleus: sample among the smallest set of most likely tokens whose "
-                       "probability reaches p (the token crossing p included).", flag_values=fv)
+                       "probability reaches p (the token crossing p included); in (0, 1].", flag_values=fv)
+    check(fv, "top_p", lambda p: 0 < p <= 1, "must be in (0, 1]")
     flags.DEFINE_float("temperature", 1.0, "Divides the logits before any filtering; 0 means greedy.",
-                       flag_values=fv)
-    flags.DEFINE_integer("num_samples", 1, "Samples per prompt (and method).", flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same text.", flag_values=fv)
+                       lower_bound=0.0, flag_values=fv)
+    flags.DEFINE_integer("num_samples", 1, "Samples per prompt (and method).", lower_bound=1, flag_values=fv)
+    # jax.random.PRNGKey keeps 32 bits: a larger seed would silently repeat a smaller one's text.
+    flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same text.", lower_bound=0,
+                         upper_bound=2**32 - 1, flag_values=fv)
     flags.DEFINE_bool("stop_at_eos", True, "Stop a sample at the end-of-text token.", flag_values=fv)
     flags.DEFINE_integer("slide_keep", None, "Beyond the context, tokens a sliding window keeps "
-                         "(default n_ctx // 2; n_ctx = exact sliding window, slowest).", flag_values=fv)
+                         "(default n_ctx // 2; n_ctx = exact sliding window, slowest).", lower_bound=1,
+                         flag_values=fv)
     return fv
+
+
+def _check_prompts_are_utf8(prompts: Sequence[str]) -> None:
+    """UserError unless every ``--prompt`` came in as UTF-8.
+
+    Python decodes command-line bytes that are not UTF-8 to lone surrogates (surrogateescape);
+    the tokenizer would encode those as garbage, so they are refused instead.
+    """
+    for i, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = ord(p[e.start]) - 0xDC00 if 0xDC80 <= ord(p[e.start]) <= 0xDCFF else None
+            what = f"byte 0x{byte:02x}" if byte is not None else "an unpaired surrogate"
+            which = f" of prompt {i + 1}" if len(prompts) > 1 else ""
+            raise UserError(f"--prompt is not valid UTF-8 ({what} at character {e.start}{which}); "
+                            f"give the text in UTF-8") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -560,8 +583,7 @@ def main(argv: Sequence[str], *, define: Callable[[], flags.FlagValues] = define
     fv = parse_flags(define(), argv, DESCRIPTION)
     if not fv.prompt:
         raise UserError('give at least one --prompt="text" (repeat the flag for several prompts)')
-    if fv.num_samples < 1:
-        raise UserError(f"--num_samples must be >= 1, got {fv.num_samples}")
+    _check_prompts_are_utf8(fv.prompt)
     model = load(fv)
     if fv.stop_at_eos and model.eos_id is None:
         raise UserError("this tokenizer has no end-of-text token to stop at; pass --nostop_at_eos")
