@@ -3,6 +3,7 @@
 A run directory holds one training run::
 
     run.json          {"model": GPT2Config dict, "train": TrainConfig dict or null, ...}
+    run.lock          held (flock) by the training process using the directory; says who it is
     tokenizer.json    the run's tokenizer (the model's vocabulary is meaningless without it)
     checkpoints/<step>/   one Orbax checkpoint per saved step: items "params", "opt_state", "meta"
     metrics.jsonl     one line per training step; evals.jsonl one line per evaluation; loss.png
@@ -20,20 +21,26 @@ is reported in one warning line and the previous one is used.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import logging
 import os
 import pathlib
+import re
 import shutil
+import socket
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax import lax
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
@@ -43,6 +50,7 @@ from gpt2_jax.config import GPT2Config
 from gpt2_jax.model import init_params
 
 RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"
 TOKENIZER_FILE = "tokenizer.json"
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"  # unreadable checkpoints are moved here, never deleted
@@ -111,12 +119,88 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return diffs
 
 
+def check_tokenizer(run_dir: str | os.PathLike, record: dict, tok) -> None:
+    """A UserError unless ``tok`` is the tokenizer ``run.json`` recorded (runs older than the record pass)."""
+    expected = record.get("tokenizer")
+    if expected is not None and tokenizer_lib.tokenizer_fingerprint(tok) != expected:
+        raise UserError(f"{pathlib.Path(run_dir) / TOKENIZER_FILE} is not the tokenizer this run was trained with "
+                        f"(fingerprint {tokenizer_lib.tokenizer_fingerprint(tok)}, {RUN_FILE} says {expected}); "
+                        f"put the run's own tokenizer.json back")
+
+
 def run_config(run_dir: str | os.PathLike) -> GPT2Config:
     record = read_run_json(run_dir)
     try:
         return GPT2Config.from_dict(record["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{pathlib.Path(run_dir) / RUN_FILE} has no valid model config ({e})") from None
+
+
+# ---------------------------------------------------------------- one training process per run dir
+
+
+@contextlib.contextmanager
+def locked_run_dir(run_dir: str | os.PathLike, *, warn: Warn = print_warning) -> Iterator[pathlib.Path]:
+    """Hold ``run_dir`` exclusively while a training process uses it (created if missing).
+
+    The lock is ``flock`` on ``run.lock``: the kernel drops it when its process ends, however it
+    ends (SIGKILL, OOM, a lost node), so a dead run never leaves the directory locked; the file
+    only tells the next process who holds it. A second process gets a one-line UserError. A
+    directory this call created and that is still empty (apart from the lock) when the block
+    ends, e.g. because the first check failed, is removed again.
+    """
+    import fcntl  # POSIX; imported here so the rest of this module also loads elsewhere
+
+    run_dir = pathlib.Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run_dir={run_dir} is a file, not a directory; choose another --run_dir")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --run_dir={run_dir} ({e.strerror}); choose a folder you can write") from None
+    path = run_dir / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write in --run_dir={run_dir} ({e.strerror}); choose a folder you can "
+                            f"write or fix its permissions") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):  # the filesystem has no locks (some NFS/FUSE)
+                warn(f"cannot lock {run_dir} ({e.strerror}); make sure no other training process uses it")
+                fd = None
+                break
+            try:
+                holder = json.loads(path.read_text())
+                who = f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                who = "its holder is still starting"
+            raise UserError(f"--run_dir={run_dir} is in use by another training process ({who}); wait for it "
+                            f"to end or stop it (a stopped run resumes), or choose another --run_dir") from None
+        # The holder before us may have removed the file between our open and our lock: lock the new one.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        if fd is not None:
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(info) + "\n").encode())
+        yield run_dir
+    finally:
+        if created and [p.name for p in run_dir.iterdir()] in ([LOCK_FILE], []):
+            path.unlink(missing_ok=True)  # while still locked: nobody can be using it
+            run_dir.rmdir()
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 # ---------------------------------------------------------------- the checkpoint manager
@@ -149,16 +233,78 @@ def make_manager(run_dir: str | os.PathLike, *, keep: int | None = None, read_on
             cleanup_tmp_directories=True,  # leftovers of a save killed midway: incomplete, never read
             enable_async_checkpointing=asynchronous,
         )
+        _quiet_abandoned_io()  # a failed background write logs from its thread before the caller hears of it
     return ocp.CheckpointManager(directory, options=options)
+
+
+def prune(manager: ocp.CheckpointManager, keep: int) -> list[int]:
+    """Apply ``make_manager``'s retention now: the newest ``keep`` steps and the best stay, the rest go.
+
+    Orbax applies it after each save; a run killed between a save and that cleanup would
+    otherwise keep the extra steps until its next save, which a finished run never makes.
+    Returns the deleted steps.
+    """
+    steps = sorted(manager.all_steps())
+    best = manager.best_step()
+    kept = set(steps[-keep:]) | ({best} if best is not None else set())
+    gone = [s for s in steps if s not in kept]
+    for step in gone:
+        manager.delete(step)
+    return gone
 
 
 def _no_missing_metrics_warning(record: logging.LogRecord) -> bool:
     return "did not provide metrics" not in record.getMessage()
 
 
+@jax.jit
+def _leaf_checksums(leaves: list) -> jax.Array:
+    """One uint32 per array: the sum of its 32-bit words weighted by odd numbers, mod 2**32.
+
+    Any single flipped bit changes it (2**k times an odd number is never 0 mod 2**32), and so does
+    moving values around; it is a check against damaged files, not a cryptographic hash. Computed
+    where the arrays are (no host copy), exactly, so saving and restoring agree bit for bit.
+    """
+    sums = []
+    for x in leaves:
+        x = jnp.ravel(jnp.asarray(x))
+        if x.dtype == jnp.bool_ or x.dtype.itemsize < 4:
+            words = x.astype(jnp.uint32) if x.dtype == jnp.bool_ else lax.bitcast_convert_type(
+                x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+        else:
+            words = jnp.ravel(lax.bitcast_convert_type(x, jnp.uint32))
+        weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+        sums.append(jnp.sum(words * weights, dtype=jnp.uint32))
+    return jnp.stack(sums) if sums else jnp.zeros((0,), jnp.uint32)
+
+
+def checksums(tree) -> dict[str, int]:
+    """``{"['h_0']['attn']...": checksum}`` for every array of ``tree`` (see ``_leaf_checksums``)."""
+    paths_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    sums = np.asarray(_leaf_checksums([leaf for _, leaf in paths_leaves]))
+    return {jax.tree_util.keystr(path): int(v) for (path, _), v in zip(paths_leaves, sums)}
+
+
+def _verify_checksums(name: str, tree, expected: dict[str, int] | None) -> None:
+    if expected is None or tree is None:
+        return  # saved before checksums existed
+    got = checksums(tree)
+    bad = [k for k in expected if got.get(k) != expected[k]]
+    if bad or set(got) != set(expected):
+        raise ValueError(f"{name}{bad[0] if bad else ''} does not match the checksum saved with it: "
+                         f"the files were damaged after they were written")
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, *, params, opt_state, meta: dict,
                     val_loss: float | None = None) -> None:
-    """Save (asynchronously if the manager is) unreplicated ``params``/``opt_state`` and JSON ``meta`` at ``step``."""
+    """Save (asynchronously if the manager is) unreplicated ``params``/``opt_state`` and JSON ``meta`` at ``step``.
+
+    ``meta`` gains the arrays' checksums, which every restore verifies; pass the model's
+    ``cfg.architecture()`` as ``meta["model"]`` so a restore can tell a run.json edited since.
+    """
+    meta = {**meta, "checksums": {"params": checksums(params)}}
+    if opt_state is not None:
+        meta["checksums"]["opt_state"] = checksums(opt_state)
     items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardSave(opt_state)
@@ -166,7 +312,11 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, *, params, opt_st
     absl_logger = logging.getLogger("absl")
     absl_logger.addFilter(_no_missing_metrics_warning)  # a step without val_loss is expected, not news
     try:
+        # Waits for the previous save first, so its failure (disk full, say) surfaces here too.
         saved = manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    except Exception as e:  # noqa: BLE001 - whatever failed, no new checkpoint was written
+        _quiet_abandoned_io()
+        raise _write_failed(manager, e) from None
     finally:
         absl_logger.removeFilter(_no_missing_metrics_warning)
     assert saved, f"Orbax declined to save step {step}"
@@ -183,35 +333,54 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def restore_step(manager: ocp.CheckpointManager, step: int, params_like, opt_state_like=None) -> Restored:
+def restore_step(manager: ocp.CheckpointManager, step: int, params_like, opt_state_like=None, *,
+                 model: dict | None = None) -> Restored:
     """Read one step into the structure of ``params_like`` (arrays or shapes); ``opt_state_like=None`` reads
-    only params and meta. Raises whatever Orbax raises."""
+    only params and meta. With ``model`` (``cfg.architecture()``) a checkpoint saved by another
+    architecture is a UserError. Raises whatever Orbax raises, and ValueError for damaged arrays."""
+    if model is not None:
+        saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"].get("model")
+        if saved is not None and saved != model:
+            run_file = pathlib.Path(str(manager.directory)).parent / RUN_FILE
+            diffs = [f"{k}={model.get(k)!r} in {RUN_FILE}, {saved.get(k)!r} in the checkpoint"
+                     for k in sorted(set(saved) | set(model)) if saved.get(k) != model.get(k)]
+            raise UserError(f"{run_file} does not describe the model of checkpoint step {step} ({'; '.join(diffs)}); "
+                            f"it was edited or the checkpoints come from another run: restore its model section")
     items = {"params": ocp.args.StandardRestore(_abstract(params_like)), "meta": ocp.args.JsonRestore()}
     if opt_state_like is not None:
         items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
     out = manager.restore(step, args=ocp.args.Composite(**items))
+    sums = out["meta"].get("checksums") or {}
+    _verify_checksums("params", out["params"], sums.get("params"))
+    _verify_checksums("opt_state", out.get("opt_state"), sums.get("opt_state"))
     return Restored(step=step, params=out["params"], opt_state=out.get("opt_state"), meta=out["meta"])
 
 
-def _silence_abandoned_reads() -> None:
-    """After a failed restore, drop the noise of the reads Orbax abandoned (the warning said it all).
+def _quiet_abandoned_io() -> None:
+    """Drop the noise Orbax leaves after a read or write failed (the one-line report says it all).
 
-    When one array of a checkpoint fails to read, Orbax closes its event loop while TensorStore
-    still completes the other reads; each completion then raises RuntimeError('Event loop is
-    closed') into ``sys.unraisablehook``, and the failed reads may be logged by asyncio as "Task/Future
-    exception was never retrieved": a traceback per array on stderr, seconds later. Only
-    exactly those are dropped; everything else reaches the previous hook / the log. Installed once.
+    When one array of a checkpoint fails to read or write, Orbax logs the exception (with its
+    traceback) from its threads, closes its event loop while TensorStore still completes the other operations, and each
+    completion raises RuntimeError('Event loop is closed') into ``sys.unraisablehook``; the failed
+    operations are also logged by asyncio as "Task exception was never retrieved". That is a
+    traceback per array on stderr. Exactly those are dropped; the exception itself still reaches
+    the caller (``save_checkpoint``, ``finish_saves``, ``restore_*``), which reports it. Installed once.
     """
     previous = sys.unraisablehook
     if getattr(previous, "_gpt2_jax_filter", False):
         return
+    orbax_io = ("async_deserialize", "tensorstore_spec", "write_fragment", "async_serialize", "orbax", "OCDBT")
     logging.getLogger("asyncio").addFilter(lambda r: not (
-        "exception was never retrieved" in r.getMessage()
-        and ("async_deserialize" in r.getMessage() or "tensorstore_spec" in r.getMessage())))
+        "exception was never retrieved" in r.getMessage() and any(w in r.getMessage() for w in orbax_io)))
+    # Orbax logs each failure of its threads (and re-raises it to the caller): the caller reports it.
+    logging.getLogger("absl").addFilter(lambda r: not (
+        r.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in r.pathname and r.exc_info is not None))
 
     def hook(unraisable):
-        e = unraisable.exc_value
-        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed" and unraisable.object is None):
+        e, obj = unraisable.exc_value, unraisable.object
+        closed_loop = isinstance(e, RuntimeError) and str(e) == "Event loop is closed" and obj is None
+        dying_write = "write_fragment" in getattr(obj, "__qualname__", "") and sys.is_finalizing()
+        if not (closed_loop or dying_write):
             previous(unraisable)
 
     hook._gpt2_jax_filter = True
@@ -223,19 +392,75 @@ def _describe(e: Exception) -> str:
     return f"{type(e).__name__}: {first[:160]}"
 
 
-def restore_latest(manager: ocp.CheckpointManager, params_like, opt_state_like=None, *,
+def _io_reason(e: Exception) -> str:
+    """What went wrong in a failed write, in the system's words ("No space left on device")."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(e))  # TensorStore's errors carry the errno
+    return os.strerror(int(code.group(1))) if code else _describe(e)
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps saved completely in a checkpoint folder (Orbax renames a step's folder to its number
+    only once every file is written)."""
+    directory = pathlib.Path(directory)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def write_failed(checkpoints: str | os.PathLike, e: Exception, what: str) -> UserError:
+    """The one-line report of a failed write (``what``: "a checkpoint in DIR", "to FILE")."""
+    steps = complete_steps(checkpoints)
+    kept = f"the newest complete checkpoint, step {steps[-1]}, is intact" if steps else "no checkpoint was complete yet"
+    return UserError(f"cannot write {what} ({_io_reason(e)}); {kept}; free disk space or make the folder "
+                     f"writable, then run the same command to resume")
+
+
+def _write_failed(manager: ocp.CheckpointManager, e: Exception) -> UserError:
+    directory = pathlib.Path(str(manager.directory))
+    return write_failed(directory, e, f"a checkpoint in {directory}")
+
+
+def finish_saves(manager: ocp.CheckpointManager) -> None:
+    """Wait for the asynchronous saves; a failed one is a one-line UserError naming the intact checkpoint."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - whatever failed in the background, the step is not saved
+        _quiet_abandoned_io()
+        raise _write_failed(manager, e) from None
+
+
+def close_manager(manager: ocp.CheckpointManager, *, report: bool = True) -> None:
+    """Finish pending saves and close; with ``report=False`` (already failing) a failed save is not raised."""
+    try:
+        finish_saves(manager)
+    except UserError:
+        if report:
+            raise
+    finally:
+        try:
+            manager.close()
+        except Exception:  # noqa: BLE001 - closing after a failed save re-raises that failure
+            if report:
+                raise
+
+
+def restore_latest(manager: ocp.CheckpointManager, params_like, opt_state_like=None, *, model: dict | None = None,
                    warn: Warn = print_warning, quarantine: str | os.PathLike | None = None) -> Restored | None:
     """The newest readable checkpoint, or None when there is none.
 
     An unreadable step is reported with one ``warn`` line and the previous step is tried. With
     ``quarantine`` (a training run about to write new checkpoints) the unreadable step folder is
-    moved there, so a new save of that step can take its place; it is never deleted.
+    moved there, so a new save of that step can take its place; it is never deleted. A damaged
+    array (checksum mismatch) counts as unreadable; a checkpoint of another architecture than
+    ``model`` is a UserError (the config is wrong, not the checkpoint).
     """
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            return restore_step(manager, step, params_like, opt_state_like)
+            return restore_step(manager, step, params_like, opt_state_like, model=model)
+        except UserError:
+            raise  # readable, but not this run's model: nothing to skip or set aside
         except Exception as e:  # noqa: BLE001 - any failure to read means: not a usable checkpoint
-            _silence_abandoned_reads()
+            _quiet_abandoned_io()
             where = pathlib.Path(str(manager.directory)) / str(step)
             moved = ""
             if quarantine is not None:
@@ -254,13 +479,13 @@ def restore_latest(manager: ocp.CheckpointManager, params_like, opt_state_like=N
 # ---------------------------------------------------------------- public: load a run, import a model
 
 
-def _restore_for_load(manager, run_dir: pathlib.Path, step, target, warn: Warn) -> Restored:
+def _restore_for_load(manager, run_dir: pathlib.Path, step, target, model: dict, warn: Warn) -> Restored:
     steps = list(manager.all_steps())
     if not steps:
         raise UserError(f"{run_dir} has no complete checkpoint yet; train longer or pick another --run_dir")
 
     if step is None or step == "latest":
-        restored = restore_latest(manager, target, warn=warn)
+        restored = restore_latest(manager, target, model=model, warn=warn)
         if restored is None:
             raise UserError(f"no checkpoint of {run_dir} is readable (steps {steps}); see the warnings above")
     else:
@@ -276,9 +501,11 @@ def _restore_for_load(manager, run_dir: pathlib.Path, step, target, warn: Warn) 
             if chosen not in steps:
                 raise UserError(f"{run_dir} has no checkpoint at step {chosen}; available steps: {steps}")
         try:
-            restored = restore_step(manager, chosen, target)
+            restored = restore_step(manager, chosen, target, model=model)
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001
-            _silence_abandoned_reads()
+            _quiet_abandoned_io()
             raise UserError(f"checkpoint step {chosen} of {run_dir} is unreadable ({_describe(e)}); "
                             f"pick another step of {steps}") from None
     return restored
@@ -295,13 +522,14 @@ def load_run(run_dir: str | os.PathLike, step: int | str | None = None, *, warn:
         raise UserError(f"run directory {run_dir} does not exist; pass the --run_dir of a training run")
     cfg = run_config(run_dir)
     tok = tokenizer_lib.load_tokenizer(run_dir / TOKENIZER_FILE)
+    check_tokenizer(run_dir, read_run_json(run_dir), tok)
     tokenizer_lib.check_vocab_matches(tok, cfg)
     if not (run_dir / CHECKPOINT_DIR).is_dir():
         raise UserError(f"{run_dir} has no {CHECKPOINT_DIR}/ folder; the run saved no checkpoint yet")
     target = abstract_params(cfg)
     manager = make_manager(run_dir, read_only=True)
     try:
-        restored = _restore_for_load(manager, run_dir, step, target, warn)
+        restored = _restore_for_load(manager, run_dir, step, target, cfg.architecture(), warn)
     finally:
         manager.close()
     return LoadedRun(cfg=cfg, params=restored.params, tokenizer=tok, step=restored.step, run_dir=run_dir)
@@ -364,9 +592,10 @@ def save_params_as_run(run_dir: str | os.PathLike, cfg: GPT2Config, params, toke
     assert jax.tree.structure(shapes) == jax.tree.structure(given) and shapes == given, "params do not match cfg"
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_lib.save_tokenizer(tokenizer, run_dir / TOKENIZER_FILE)
-    write_run_json(run_dir, {"model": cfg.to_dict(), "train": None, "source": source})
+    write_run_json(run_dir, {"model": cfg.to_dict(), "train": None, "source": source,
+                             "tokenizer": tokenizer_lib.tokenizer_fingerprint(tokenizer)})
     manager = make_manager(run_dir, keep=1, asynchronous=False)
-    save_checkpoint(manager, step, params=params, opt_state=None, meta={"step": step, "source": source})
-    manager.wait_until_finished()
-    manager.close()
+    save_checkpoint(manager, step, params=params, opt_state=None,
+                    meta={"step": step, "source": source, "model": cfg.architecture()})
+    close_manager(manager)
     return run_dir

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import sys
+import threading
+import time
 from typing import Any, Callable, Sequence
 
 from absl import flags
@@ -90,5 +93,23 @@ def run(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None 
         code = main(argv)
     except UserError as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
     sys.exit(code or 0)
+
+
+def _exit(code: int, grace_s: float = 5.0) -> None:
+    """Exit with ``code`` even if a background thread cannot finish.
+
+    After a failed write (a full or read-only disk), Orbax's save threads may wait forever for a
+    step that will never start, and Python waits for them before exiting: the job would hang with
+    its error already printed. They get ``grace_s`` seconds, then the process ends without them.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    deadline = time.monotonic() + grace_s
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for t in stuck:
+        threading.Thread.join(t, max(0.0, deadline - time.monotonic()))  # the base join: some subclasses raise
+    if any(t.is_alive() for t in stuck):
+        os._exit(code)
+    sys.exit(code)

@@ -15,6 +15,7 @@ from typing import Literal
 
 Dtype = Literal["float32", "bfloat16"]
 AttentionImpl = Literal["auto", "xla", "cudnn"]
+ARCHITECTURE_FIELDS = ("vocab_size", "n_ctx", "n_layer", "d_model", "n_head", "d_ff", "layer_norm_eps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,11 @@ class GPT2Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def architecture(self) -> dict:
+        """The fields that decide what the parameters mean (not how they are computed): two configs
+        with equal architectures can use each other's weights."""
+        return {k: getattr(self, k) for k in ARCHITECTURE_FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPT2Config":

@@ -35,8 +35,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def append_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
     lines = "".join(json.dumps(r) + "\n" for r in records)
     if lines:
-        with open(path, "a") as f:
-            f.write(lines)
+        try:
+            with open(path, "a") as f:
+                f.write(lines)
+        except OSError as e:  # a failed write() names no file: name it for the report
+            raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def drop_records_after(path: str | os.PathLike, step: int) -> int:

@@ -29,12 +29,14 @@ exactly as 1 process x 2 devices.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
 import math
 import os
 import pathlib
+import re
 import signal
 import sys
 import time
@@ -58,7 +60,7 @@ from gpt2_jax import data
 from gpt2_jax import evaluate as evaluate_lib
 from gpt2_jax import metrics as metrics_lib
 from gpt2_jax import tokenizer as tokenizer_lib
-from gpt2_jax.cli import UserError, parse_flags, run
+from gpt2_jax.cli import UserError, check, parse_flags, run
 from gpt2_jax.config import PRESETS, GPT2Config
 from gpt2_jax.model import forward, init_params, token_nll
 
@@ -301,29 +303,40 @@ def _define_flags() -> flags.FlagValues:
                         f"folder with wiki.{{train,valid,test}}.tokens (default ${data.DATA_DIR_ENV})", flag_values=fv)
     flags.DEFINE_string("cache_dir", None, f"prepared data, tokenizers and token streams "
                         f"(default ${data.CACHE_ENV} or ~/.cache/gpt2_jax)", flag_values=fv)
-    flags.DEFINE_integer("epochs", d.epochs, "passes over the training split", flag_values=fv)
+    flags.DEFINE_integer("epochs", d.epochs, "passes over the training split", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("max_steps", None, "stop after this many steps (the LR schedule is fitted to the "
-                         "shorter run)", flag_values=fv)
+                         "shorter run)", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("batch_size", d.batch_size, "global batch in sequences, split over all devices of all "
-                         "processes (must be divisible by their number)", flag_values=fv)
-    flags.DEFINE_integer("eval_batch_size", None, "evaluation batch (default: --batch_size)", flag_values=fv)
+                         "processes (must be divisible by their number)", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("eval_batch_size", None, "evaluation batch (default: --batch_size)", lower_bound=1,
+                         flag_values=fv)
     flags.DEFINE_float("lr", d.lr, "peak learning rate", flag_values=fv)
-    flags.DEFINE_integer("warmup_steps", d.warmup_steps, "linear warmup steps before the cosine decay", flag_values=fv)
-    flags.DEFINE_float("final_lr_fraction", d.final_lr_fraction, "the cosine ends at lr times this", flag_values=fv)
+    check(fv, "lr", lambda v: v > 0, "must be > 0")
+    flags.DEFINE_integer("warmup_steps", d.warmup_steps, "linear warmup steps before the cosine decay",
+                         lower_bound=0, flag_values=fv)
+    flags.DEFINE_float("final_lr_fraction", d.final_lr_fraction, "the cosine ends at lr times this",
+                       lower_bound=0.0, upper_bound=1.0, flag_values=fv)
     flags.DEFINE_float("weight_decay", d.weight_decay, "AdamW decoupled weight decay (kernels and embeddings; "
-                       "not biases or LayerNorm)", flag_values=fv)
-    flags.DEFINE_float("grad_clip", d.grad_clip, "clip the global gradient norm to this (0 = off)", flag_values=fv)
+                       "not biases or LayerNorm)", lower_bound=0.0, flag_values=fv)
+    flags.DEFINE_float("grad_clip", d.grad_clip, "clip the global gradient norm to this (0 = off)",
+                       lower_bound=0.0, flag_values=fv)
     flags.DEFINE_float("b2", d.b2, "Adam's second-moment decay", flag_values=fv)
-    flags.DEFINE_integer("seed", d.seed, "seed of the parameters, dropout and data order", flag_values=fv)
+    check(fv, "b2", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    # jax.random.PRNGKey keeps 32 bits: seed 2**32 would start from seed 0's parameters.
+    flags.DEFINE_integer("seed", d.seed, "seed of the parameters, dropout and data order", lower_bound=0,
+                         upper_bound=2**32 - 1, flag_values=fv)
     flags.DEFINE_float("dropout", None, "dropout on embeddings, residual branches and attention "
                        "(default: the preset's, 0.1)", flag_values=fv)
+    check(fv, "dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (parameters stay float32)",
                       flag_values=fv)
     flags.DEFINE_boolean("remat", False, "recompute activations in the backward pass (less memory)", flag_values=fv)
     for name, help_ in (("vocab_size", "BPE vocabulary"), ("n_ctx", "context = training sequence length"),
                         ("n_layer", "layers"), ("d_model", "model width"), ("n_head", "attention heads"),
                         ("d_ff", "feed-forward width")):
-        flags.DEFINE_integer(name, None, f"override the preset's {help_}", flag_values=fv)
+        # 258: the smallest byte-level BPE (256 bytes, <|endoftext|>, one merge)
+        flags.DEFINE_integer(name, None, f"override the preset's {help_}",
+                             lower_bound=258 if name == "vocab_size" else 1, flag_values=fv)
     flags.DEFINE_integer("eval_every", 250, "evaluate on the validation split every this many steps "
                          "(and at every epoch end and the last step)", flag_values=fv)
     flags.DEFINE_integer("ckpt_every", 500, "save a checkpoint every this many steps (and at every epoch end, "
@@ -344,6 +357,7 @@ def _define_flags() -> flags.FlagValues:
                          flag_values=fv)
     flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, reachable from every process "
                         "(process 0 listens on PORT)", flag_values=fv)
+    check(fv, "coordinator_address", lambda a: re.fullmatch(r"\S+:\d{1,5}", a) is not None, "must be HOST:PORT")
     flags.DEFINE_integer("num_processes", None, "processes in the run (all started with the same flags)",
                          flag_values=fv)
     flags.DEFINE_integer("process_id", None, "this process's index in [0, --num_processes); process 0 writes the "
@@ -354,6 +368,12 @@ def _define_flags() -> flags.FlagValues:
 
 
 def configs_from_flags(fv: flags.FlagValues) -> tuple[GPT2Config, TrainConfig]:
+    preset = PRESETS[fv.size]
+    d_model = preset.d_model if fv.d_model is None else fv.d_model
+    n_head = preset.n_head if fv.n_head is None else fv.n_head
+    if d_model % n_head:
+        raise UserError(f"--d_model={d_model} is not divisible by --n_head={n_head}; the heads split the width "
+                        f"evenly")
     overrides = {k: fv[k].value for k in ("vocab_size", "n_ctx", "n_layer", "d_model", "n_head", "d_ff")
                  if fv[k].value is not None}
     if fv.dropout is not None:
@@ -425,11 +445,10 @@ def init_distributed(fv: flags.FlagValues, environ: Mapping[str, str]) -> bool:
         raise UserError(f"--num_processes must be >= 1, got {fv.num_processes}")
     if fv.process_id is not None and not 0 <= fv.process_id < (fv.num_processes or fv.process_id + 1):
         raise UserError(f"--process_id={fv.process_id} must be in [0, --num_processes={fv.num_processes})")
-    try:
-        local_ids = None if fv.local_device_ids is None else [int(i) for i in fv.local_device_ids]
-    except ValueError:
-        raise UserError(f"--local_device_ids must be integers like 0 or 0,1, got {','.join(fv.local_device_ids)}") \
-            from None
+    ids = fv.local_device_ids
+    if ids is not None and not all(i.strip().isdigit() for i in ids):  # isdigit: also refuses -1
+        raise UserError(f"--local_device_ids must be integers like 0 or 0,1, got {','.join(ids)}")
+    local_ids = None if ids is None else [int(i) for i in ids]
     # CPU devices of different processes all-reduce through gloo (GPUs use NCCL, TPUs their own links).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
@@ -485,31 +504,39 @@ def main(argv: Sequence[str]) -> int:
     init_distributed(fv, os.environ)  # before anything else touches JAX
     primary = jax.process_index() == 0
     run_dir = pathlib.Path(fv.run_dir)
-    eval_batch = fv.eval_batch_size or train_cfg.batch_size
     _check_divisible("batch_size", train_cfg.batch_size)
-    _check_divisible("eval_batch_size", eval_batch)
+    _check_divisible("eval_batch_size", fv.eval_batch_size or train_cfg.batch_size)
     say = functools.partial(print, file=sys.stderr) if primary and not fv.quiet else (lambda *a: None)
     warn = ckpt.print_warning if primary else (lambda message: None)
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax reports routine progress at WARNING
 
-    # ---- the run directory and the data: process 0 first (it alone creates files), then the others,
-    # which read its tokenizer.json, so every process encodes the data with the same tokenizer.
+    # ---- the run directory and the data: process 0 first (it alone locks the directory and creates
+    # files), then the others, which read its tokenizer.json, so every process encodes the data with
+    # the same tokenizer.
     record = {"model": cfg.to_dict(), "train": train_cfg.to_dict()}
-    opened, error = None, None
-    try:
-        if primary:
-            opened = _open_run(fv, cfg, train_cfg, record, run_dir, argv)
-    except UserError as e:
-        error = e
-    _all_ok(error, f"preparing {run_dir} and the data")
-    try:
-        if not primary:
-            opened = _open_run(fv, cfg, train_cfg, record, run_dir, argv)
-    except UserError as e:
-        error = e
-    _all_ok(error, f"reading {run_dir} and the data")
-    corpus, spe, num_steps = opened
+    with contextlib.ExitStack() as held:
+        opened, error = None, None
+        try:
+            if primary:
+                held.enter_context(ckpt.locked_run_dir(run_dir, warn=warn))
+                opened = _open_run(fv, cfg, train_cfg, record, run_dir, argv)
+        except UserError as e:
+            error = e
+        except OSError as e:  # the run dir or the data cache cannot be written
+            error = UserError(f"cannot write {e.filename or run_dir} ({e.strerror}); free disk space or make "
+                              f"the folder writable")
+        _all_ok(error, f"preparing {run_dir} and the data")
+        try:
+            if not primary:
+                opened = _open_run(fv, cfg, train_cfg, record, run_dir, argv)
+        except UserError as e:
+            error = e
+        _all_ok(error, f"reading {run_dir} and the data")
+        return _restore_and_train(fv, cfg, train_cfg, run_dir, *opened, say, warn)
 
+
+def _restore_and_train(fv, cfg, train_cfg, run_dir, corpus, spe, num_steps, say, warn) -> int:
+    eval_batch = fv.eval_batch_size or train_cfg.batch_size
     schedule = make_schedule(train_cfg, num_steps)
     optimizer = make_optimizer(train_cfg, num_steps)
     params_key, dropout_key = jax.random.split(jax.random.PRNGKey(train_cfg.seed))
@@ -517,8 +544,8 @@ def main(argv: Sequence[str]) -> int:
     abstract = jax.eval_shape(init, params_key)
     manager = ckpt.make_manager(run_dir, keep=fv.keep)
     try:
-        restored = ckpt.restore_latest(manager, abstract.params, abstract.opt_state, warn=warn,
-                                       quarantine=run_dir / ckpt.CORRUPT_DIR)
+        restored = ckpt.restore_latest(manager, abstract.params, abstract.opt_state, model=cfg.architecture(),
+                                       warn=warn, quarantine=run_dir / ckpt.CORRUPT_DIR)
         if jax.process_count() > 1:
             found = multihost_utils.process_allgather(np.int32(-1 if restored is None else restored.step))
             if len(set(found.tolist())) > 1:
@@ -534,12 +561,18 @@ def main(argv: Sequence[str]) -> int:
             position = data.DataPosition.from_dict(restored.meta["data_position"])
             rng = jnp.asarray(restored.meta["rng"], jnp.uint32)
             assert position == data.DataPosition(*divmod(restored.step, spe)), (position, restored.step, spe)
+            ckpt.prune(manager, fv.keep)  # what a kill stopped Orbax from removing
             say(f"resuming {run_dir} from step {restored.step} (epoch {restored.step / spe:.2f})")
-        return _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, state, position, rng,
+        code = _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, state, position, rng,
                       spe, num_steps, eval_batch, say)
-    finally:
-        manager.wait_until_finished()
-        manager.close()
+    except OSError as e:  # metrics, evaluations or the plot could not be written: a full disk, say
+        ckpt.close_manager(manager, report=False)
+        raise ckpt.write_failed(run_dir / ckpt.CHECKPOINT_DIR, e, f"to {e.filename or run_dir}") from None
+    except BaseException:
+        ckpt.close_manager(manager, report=False)
+        raise
+    ckpt.close_manager(manager)
+    return code
 
 
 def _open_run(fv, cfg, train_cfg, record, run_dir, argv) -> tuple[data.Corpus, int, int]:
@@ -558,6 +591,7 @@ def _open_run(fv, cfg, train_cfg, record, run_dir, argv) -> tuple[data.Corpus, i
             raise UserError(f"{run_dir} belongs to a different config: {diffs[0]}{more}; use a new --run_dir "
                             f"or the flags it was started with")
         tok = tokenizer_lib.load_tokenizer(run_dir / ckpt.TOKENIZER_FILE)
+        ckpt.check_tokenizer(run_dir, saved, tok)
     corpus = data.prepare_corpus(fv.data_dir, fv.cache_dir, vocab_size=cfg.vocab_size, tokenizer=tok)
     tokenizer_lib.check_vocab_matches(corpus.tokenizer, cfg)
     spe = data.steps_per_epoch(len(corpus.tokens["train"]), cfg.n_ctx, train_cfg.batch_size)
@@ -569,6 +603,7 @@ def _open_run(fv, cfg, train_cfg, record, run_dir, argv) -> tuple[data.Corpus, i
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer_lib.save_tokenizer(corpus.tokenizer, run_dir / ckpt.TOKENIZER_FILE)
         ckpt.write_run_json(run_dir, {**record, "steps_per_epoch": spe, "total_steps": num_steps,
+                                      "tokenizer": tokenizer_lib.tokenizer_fingerprint(corpus.tokenizer),
                                       "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": list(argv)})
     return corpus, spe, num_steps
 
@@ -649,7 +684,8 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
         last_save[0] = time.monotonic()
         ckpt.save_checkpoint(manager, step, params=unreplicate_global(state_N.params),
                              opt_state=unreplicate_global(state_N.opt_state),
-                             meta={"step": step, "data_position": position.to_dict(), "rng": np.asarray(rng).tolist(),
+                             meta={"step": step, "model": cfg.architecture(), "data_position": position.to_dict(),
+                                   "rng": np.asarray(rng).tolist(),
                                    "num_devices": jax.device_count(), "num_processes": jax.process_count()},
                              val_loss=val_loss)
 
@@ -689,7 +725,7 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
                 clock[0] = time.perf_counter()  # evaluation and saving are not training throughput
             if signum:
                 bar.close()
-                manager.wait_until_finished()
+                ckpt.finish_saves(manager)
                 if primary:
                     print(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint saved in {run_dir}; "
                           f"run the same command to resume", file=sys.stderr)
@@ -700,7 +736,7 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
     except _Diverged as e:
         if bar is not None:
             bar.close()
-        manager.wait_until_finished()
+        ckpt.finish_saves(manager)
         r = e.args[0]
         good = manager.latest_step()
         kept = f"the last good checkpoint, step {good}, is kept" if good is not None else "no checkpoint was saved"
@@ -717,7 +753,7 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
         else run_eval("validation")
     test = next(r for r in reversed(eval_records) if r["split"] == "test") if ("test", step) in done \
         else run_eval("test")
-    manager.wait_until_finished()
+    ckpt.finish_saves(manager)
     tps = float(np.median([r["tokens_per_s"] for r in step_records])) if step_records else float("nan")
     if primary:
         print(f"done: {step} steps ({step / spe:.2f} epochs); validation loss {val['loss']:.4f} "

@@ -29,3 +29,14 @@ def wikitext_dir() -> pathlib.Path:
 def micro_cfg() -> GPT2Config:
     """A 2-layer model small enough for fast unit tests."""
     return GPT2Config(vocab_size=97, n_ctx=16, n_layer=2, d_model=32, n_head=4, d_ff=64)
+
+
+@pytest.fixture(scope="session")
+def cli_env(wikitext_dir, tmp_path_factory) -> dict:
+    """Environment for running the CLIs in subprocesses: CPU, the data, the repo importable, and one
+    JAX compilation cache shared by every subprocess of the session (each compiles a step once)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GPT2_JAX_DATA_DIR=str(wikitext_dir), PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.pop("XLA_FLAGS", None)
+    return env

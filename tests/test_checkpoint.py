@@ -96,7 +96,7 @@ def test_save_params_as_run_never_overwrites_an_existing_run(tmp_path, cfg, tok)
     np.testing.assert_array_equal(jax.tree.leaves(ckpt.load_run(tmp_path).params)[0], jax.tree.leaves(params)[0])
 
 
-@pytest.mark.parametrize("damage", ["remove_data_files", "truncate_data_files", "remove_meta"])
+@pytest.mark.parametrize("damage", ["remove_data_files", "truncate_data_files", "flip_one_bit", "remove_meta"])
 def test_unreadable_latest_checkpoint_is_reported_in_one_line_and_the_previous_used(tmp_path, cfg, tok, damage):
     _write_run(tmp_path, cfg, tok, [(10, None), (20, None)])
     step_dir = tmp_path / ckpt.CHECKPOINT_DIR / "20"
@@ -108,6 +108,11 @@ def test_unreadable_latest_checkpoint_is_reported_in_one_line_and_the_previous_u
     elif damage == "truncate_data_files":
         for f in data_files:
             os.truncate(f, os.path.getsize(f) // 2)
+    elif damage == "flip_one_bit":  # same size, still parses: only the checksums can tell
+        biggest = max(data_files, key=os.path.getsize)
+        raw = bytearray(pathlib.Path(biggest).read_bytes())
+        raw[len(raw) // 2] ^= 0x10
+        pathlib.Path(biggest).write_bytes(bytes(raw))
     else:
         shutil.rmtree(step_dir / "meta")
     warnings = []
@@ -125,7 +130,7 @@ def test_restore_latest_with_quarantine_moves_the_unreadable_step_aside_without_
     manager = ckpt.make_manager(tmp_path, keep=3)
     warnings = []
     restored = ckpt.restore_latest(manager, params, warn=warnings.append, quarantine=tmp_path / ckpt.CORRUPT_DIR)
-    assert restored.step == 10 and restored.meta == {"step": 10} and restored.opt_state is None
+    assert restored.step == 10 and restored.meta["step"] == 10 and restored.opt_state is None
     assert list(manager.all_steps()) == [0, 10]
     moved = list((tmp_path / ckpt.CORRUPT_DIR).iterdir())
     assert [p.name.split("-")[0] for p in moved] == ["20"] and (moved[0] / "meta").is_dir()
@@ -158,7 +163,7 @@ def test_state_with_optimizer_namedtuples_round_trips_bitwise(tmp_path, cfg):
     restored = ckpt.restore_latest(manager, params, opt_state)
     chex.assert_trees_all_equal(restored.opt_state, opt_state)
     assert jax.tree.structure(restored.opt_state) == jax.tree.structure(opt_state)
-    assert restored.meta == {"rng": [1, 2]}
+    assert restored.meta["rng"] == [1, 2]
 
 
 def test_config_differences_names_each_changed_field_with_both_values():
@@ -172,3 +177,63 @@ def test_read_run_json_of_a_plain_directory_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not a run directory"):
         ckpt.read_run_json(tmp_path)
     assert pathlib.Path(tmp_path).is_dir()
+
+
+# ---------------------------------------------------------------- damage no file format notices
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.int32, jnp.bfloat16, jnp.uint8])
+def test_checksum_changes_with_any_flipped_bit_or_swapped_pair_and_only_then(dtype):
+    x = (jnp.arange(37 * 5).reshape(37, 5) % 251).astype(dtype)
+    base = ckpt.checksums({"x": x})["['x']"]
+    assert ckpt.checksums({"x": jnp.array(x)})["['x']"] == base
+    bits = 8 * jnp.dtype(dtype).itemsize
+    word = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}"))
+    for index in [(0, 0), (17, 3), (36, 4)]:
+        for bit in range(bits):
+            flipped = word.at[index].set(word[index] ^ np.array(1 << bit, word.dtype))
+            y = jax.lax.bitcast_convert_type(flipped, dtype)
+            assert ckpt.checksums({"x": y})["['x']"] != base, (index, bit)
+    swapped = x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0])
+    assert not np.array_equal(swapped, x) and ckpt.checksums({"x": swapped})["['x']"] != base
+
+
+def test_checkpoint_of_another_architecture_than_run_json_is_a_one_line_error_and_nothing_moves(tmp_path, cfg, tok):
+    run = tmp_path / "run"
+    ckpt.save_params_as_run(run, cfg, init_params(cfg, jax.random.key(0)), tok)
+    record = json.loads((run / ckpt.RUN_FILE).read_text())
+    record["model"]["d_model"], record["model"]["n_head"] = 64, 8  # "edited to another size"
+    ckpt.write_run_json(run, record)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with pytest.raises(UserError) as e:
+        ckpt.load_run(run)
+    assert str(e.value) == (f"{run / ckpt.RUN_FILE} does not describe the model of checkpoint step 0 (d_model=64 in "
+                            f"run.json, 32 in the checkpoint; n_head=8 in run.json, 4 in the checkpoint); it was "
+                            f"edited or the checkpoints come from another run: restore its model section")
+    manager = ckpt.make_manager(run, keep=3)  # a training resume would quarantine unreadable steps: not these
+    with pytest.raises(UserError, match="does not describe the model"):
+        ckpt.restore_latest(manager, ckpt.abstract_params(cfg.replace(d_model=64, n_head=8)),
+                            model=cfg.replace(d_model=64, n_head=8).architecture(), quarantine=run / ckpt.CORRUPT_DIR)
+    manager.close()
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_tokenizer_json_swapped_for_another_of_the_same_size_is_refused(tmp_path, cfg, tok, wikitext_dir):
+    run = tmp_path / "run"
+    ckpt.save_params_as_run(run, cfg, init_params(cfg, jax.random.key(0)), tok)
+    lines = (wikitext_dir / "wiki.test.tokens").read_text(encoding="utf-8").splitlines()[:400]
+    other = train_tokenizer(lines, vocab_size=300)
+    assert other.get_vocab_size() == tok.get_vocab_size() and tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)
+    (run / ckpt.TOKENIZER_FILE).write_text(other.to_str())
+    with pytest.raises(UserError, match=f"tokenizer.json is not the tokenizer this run was trained with "
+                                        f"\\(fingerprint {tokenizer_fingerprint(other)}, run.json says "
+                                        f"{tokenizer_fingerprint(tok)}\\)"):
+        ckpt.load_run(run)
+
+
+def test_prune_keeps_the_newest_and_the_best_like_the_save_time_policy(tmp_path, cfg, tok):
+    _write_run(tmp_path, cfg, tok, [(10, 3.0), (20, None), (30, 2.5), (40, None), (50, None), (60, None)])
+    manager = ckpt.make_manager(tmp_path, keep=2)
+    assert ckpt.prune(manager, 2) == [0, 10, 20, 40]
+    manager.close()
+    assert ckpt.complete_steps(tmp_path / ckpt.CHECKPOINT_DIR) == [30, 50, 60]

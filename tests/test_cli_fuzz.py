@@ -223,7 +223,7 @@ def test_non_utf8_prompt_bytes_are_refused_in_one_line_not_sampled(micro_run):
     ("evaluate", ["--run_dir={tmp}/run", "--seq_len=8", "--stride=9"], "stride"),
     ("convert", ["--run_dir={tmp}/run", "--to_hf={tmp}/hf", "--step=-1"], "step"),
     ("bench", ["generate", f"--seed={MAX_SEED + 1}"], "seed"),
-    ("data", [f"--cache_dir={{tmp}}/cache", "--vocab_size=100"], "vocab_size"),
+    ("data", ["--cache_dir={tmp}/cache", "--vocab_size=100"], "vocab_size"),
 ], ids=["train", "evaluate", "convert", "bench", "data"])
 def test_python_dash_m_exits_2_with_one_line_naming_the_flag(tool, args, name, tmp_path):
     proc = _python_m(tool, *[a.format(tmp=tmp_path) for a in args])
