@@ -34,6 +34,7 @@ import shutil
 import socket
 import sys
 import time
+import warnings
 from typing import Any, Callable, Iterator
 
 import jax
@@ -360,9 +361,10 @@ def _quiet_abandoned_io() -> None:
     """Drop the noise Orbax leaves after a read or write failed (the one-line report says it all).
 
     When one array of a checkpoint fails to read or write, Orbax logs the exception (with its
-    traceback) from its threads, closes its event loop while TensorStore still completes the other operations, and each
-    completion raises RuntimeError('Event loop is closed') into ``sys.unraisablehook``; the failed
-    operations are also logged by asyncio as "Task exception was never retrieved". That is a
+    traceback) from its threads and closes its event loop while TensorStore still completes the
+    other operations; each completion raises RuntimeError('Event loop is closed') into
+    ``sys.unraisablehook``, the failed operations are logged by asyncio as "Task exception was
+    never retrieved", and those never started warn "coroutine ... was never awaited" at exit: a
     traceback per array on stderr. Exactly those are dropped; the exception itself still reaches
     the caller (``save_checkpoint``, ``finish_saves``, ``restore_*``), which reports it. Installed once.
     """
@@ -372,6 +374,9 @@ def _quiet_abandoned_io() -> None:
     orbax_io = ("async_deserialize", "tensorstore_spec", "write_fragment", "async_serialize", "orbax", "OCDBT")
     logging.getLogger("asyncio").addFilter(lambda r: not (
         "exception was never retrieved" in r.getMessage() and any(w in r.getMessage() for w in orbax_io)))
+    # Reads and writes never started because another failed: garbage-collected unawaited at exit.
+    warnings.filterwarnings("ignore", r"coroutine '.*(serialize|write_fragment|read_fragment).*' was never awaited",
+                            RuntimeWarning)
     # Orbax logs each failure of its threads (and re-raises it to the caller): the caller reports it.
     logging.getLogger("absl").addFilter(lambda r: not (
         r.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in r.pathname and r.exc_info is not None))
@@ -522,8 +527,8 @@ def load_run(run_dir: str | os.PathLike, step: int | str | None = None, *, warn:
         raise UserError(f"run directory {run_dir} does not exist; pass the --run_dir of a training run")
     cfg = run_config(run_dir)
     tok = tokenizer_lib.load_tokenizer(run_dir / TOKENIZER_FILE)
-    check_tokenizer(run_dir, read_run_json(run_dir), tok)
     tokenizer_lib.check_vocab_matches(tok, cfg)
+    check_tokenizer(run_dir, read_run_json(run_dir), tok)
     if not (run_dir / CHECKPOINT_DIR).is_dir():
         raise UserError(f"{run_dir} has no {CHECKPOINT_DIR}/ folder; the run saved no checkpoint yet")
     target = abstract_params(cfg)

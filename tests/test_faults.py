@@ -40,9 +40,9 @@ def _cmd(run_dir, *extra):
     return [sys.executable, "-m", "gpt2_jax.train", f"--run_dir={run_dir}", *FLAGS, *extra]
 
 
-def _start(cli_env, run_dir, *extra, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(_cmd(run_dir, *extra), env=cli_env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+def _start(cli_env, run_dir, *extra, prefix=()) -> subprocess.Popen:
+    return subprocess.Popen([*prefix, *_cmd(run_dir, *extra)], env=cli_env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _finish(cli_env, run_dir, *extra) -> subprocess.CompletedProcess:
@@ -202,8 +202,9 @@ def test_lock_is_exclusive_released_on_exit_and_a_directory_it_created_for_nothi
 # ---------------------------------------------------------------- a full disk, an unwritable run dir
 
 
-def _ignore_sigxfsz():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG
+# Writes past the limit then fail with EFBIG instead of killing the process (an ignored signal stays
+# ignored across exec; no preexec_fn, which would fork this multithreaded JAX process).
+IGNORE_SIGXFSZ = ("sh", "-c", 'trap "" XFSZ; exec "$@"', "sh")
 
 
 INTACT = (r"; the newest complete checkpoint, step (\d+), is intact; free disk space or make the folder "
@@ -217,7 +218,7 @@ def test_a_full_disk_stops_with_one_line_keeps_the_last_checkpoint_and_the_rerun
     makes every later write past the limit fail in the kernel, for Python's writes and Orbax's
     (TensorStore's C++) alike. 40 kB: the metrics log fits, a checkpoint's array file does not."""
     run_dir = tmp_path / "full"
-    proc = _start(cli_env, run_dir, preexec_fn=_ignore_sigxfsz)
+    proc = _start(cli_env, run_dir, prefix=IGNORE_SIGXFSZ)
     deadline = time.monotonic() + 120
     while 5 not in ckpt.complete_steps(run_dir / ckpt.CHECKPOINT_DIR):
         assert proc.poll() is None and time.monotonic() < deadline
