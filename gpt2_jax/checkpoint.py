@@ -212,17 +212,33 @@ def _val_loss(metrics: dict) -> float:
 
 
 def make_manager(run_dir: str | os.PathLike, *, keep: int | None = None, read_only: bool = False,
-                 asynchronous: bool = True) -> ocp.CheckpointManager:
+                 asynchronous: bool = True, warn: Warn = print_warning,
+                 quarantine: str | os.PathLike | None = None) -> ocp.CheckpointManager:
     """Orbax manager for ``run_dir/checkpoints``: keeps the newest ``keep`` steps plus the best by validation loss.
 
     Steps saved with ``val_loss`` are ranked by it; steps without one (saved between evaluations)
-    are kept only while among the newest ``keep``.
+    are kept only while among the newest ``keep``. Orbax reads every step's saved metrics when it
+    opens the folder and fails on a damaged one, so those are dealt with first: a reader is
+    warned and ignores the metrics (no "best" step); a writer moves the step to ``quarantine``.
     """
     directory = pathlib.Path(run_dir).absolute() / CHECKPOINT_DIR
+    damaged = _damaged_metrics(directory)
     if read_only:
-        options = ocp.CheckpointManagerOptions(create=False, save_interval_steps=0, best_fn=_val_loss, best_mode="min")
+        for step, why in damaged:
+            warn(f"the validation loss saved with checkpoint {directory / str(step)} is unreadable ({why}); "
+                 f"validation losses are ignored, so step 'best' is unavailable")
+        options = ocp.CheckpointManagerOptions(create=False, save_interval_steps=0, best_fn=_val_loss, best_mode="min",
+                                               lightweight_initialize=bool(damaged))
     else:
         assert keep is not None and keep >= 1, keep
+        if damaged:
+            if quarantine is None:
+                raise UserError(f"the validation loss saved with checkpoint {directory / str(damaged[0][0])} is "
+                                f"unreadable ({damaged[0][1]}); move that step folder out of {directory}")
+            for step, why in damaged:
+                where = _set_aside(directory, step, quarantine)
+                warn(f"the validation loss saved with checkpoint {directory / str(step)} is unreadable ({why}), "
+                     f"moved to {where}")
         keep_policy = checkpoint_managers.AnyPreservationPolicy([
             checkpoint_managers.LatestN(n=keep),
             # BestN sorts ascending and keeps the tail: reverse=True puts the lowest loss last.
@@ -236,6 +252,30 @@ def make_manager(run_dir: str | os.PathLike, *, keep: int | None = None, read_on
         )
         _quiet_abandoned_io()  # a failed background write logs from its thread before the caller hears of it
     return ocp.CheckpointManager(directory, options=options)
+
+
+def _damaged_metrics(directory: pathlib.Path) -> list[tuple[int, str]]:
+    """(step, why) for every complete step whose saved metrics file is not JSON."""
+    damaged = []
+    for step in complete_steps(directory):
+        path = directory / str(step) / "metrics" / "metrics"
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except (OSError, ValueError) as e:
+                damaged.append((step, _describe(e)))
+    return damaged
+
+
+def _set_aside(directory: pathlib.Path, step: int, quarantine: str | os.PathLike) -> pathlib.Path:
+    """Move ``directory/step`` into ``quarantine`` (never delete it); every process returns once it is moved."""
+    target = pathlib.Path(quarantine) / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:  # several processes share the run dir: one moves, all see it
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(directory / str(step)), str(target))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"gpt2_jax: checkpoint {step} set aside")
+    return target
 
 
 def prune(manager: ocp.CheckpointManager, keep: int) -> list[int]:
@@ -469,12 +509,7 @@ def restore_latest(manager: ocp.CheckpointManager, params_like, opt_state_like=N
             where = pathlib.Path(str(manager.directory)) / str(step)
             moved = ""
             if quarantine is not None:
-                target = pathlib.Path(quarantine) / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-                if jax.process_index() == 0:  # several processes share the run dir: one moves, all see it
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(str(where), str(target))
-                if jax.process_count() > 1:
-                    multihost_utils.sync_global_devices(f"gpt2_jax: checkpoint {step} set aside")
+                target = _set_aside(where.parent, step, quarantine)
                 manager.reload()
                 moved = f", moved to {target}"
             warn(f"checkpoint {where} is unreadable ({_describe(e)}){moved}; using the previous one")
@@ -532,7 +567,7 @@ def load_run(run_dir: str | os.PathLike, step: int | str | None = None, *, warn:
     if not (run_dir / CHECKPOINT_DIR).is_dir():
         raise UserError(f"{run_dir} has no {CHECKPOINT_DIR}/ folder; the run saved no checkpoint yet")
     target = abstract_params(cfg)
-    manager = make_manager(run_dir, read_only=True)
+    manager = make_manager(run_dir, read_only=True, warn=warn)
     try:
         restored = _restore_for_load(manager, run_dir, step, target, cfg.architecture(), warn)
     finally:

@@ -542,7 +542,7 @@ def _restore_and_train(fv, cfg, train_cfg, run_dir, corpus, spe, num_steps, say,
     params_key, dropout_key = jax.random.split(jax.random.PRNGKey(train_cfg.seed))
     init = functools.partial(init_train_state, cfg, optimizer)
     abstract = jax.eval_shape(init, params_key)
-    manager = ckpt.make_manager(run_dir, keep=fv.keep)
+    manager = ckpt.make_manager(run_dir, keep=fv.keep, warn=warn, quarantine=run_dir / ckpt.CORRUPT_DIR)
     try:
         restored = ckpt.restore_latest(manager, abstract.params, abstract.opt_state, model=cfg.architecture(),
                                        warn=warn, quarantine=run_dir / ckpt.CORRUPT_DIR)

@@ -237,3 +237,21 @@ def test_prune_keeps_the_newest_and_the_best_like_the_save_time_policy(tmp_path,
     assert ckpt.prune(manager, 2) == [0, 10, 20, 40]
     manager.close()
     assert ckpt.complete_steps(tmp_path / ckpt.CHECKPOINT_DIR) == [30, 50, 60]
+
+
+def test_a_damaged_saved_validation_loss_is_one_warning_for_readers_and_set_aside_by_writers(tmp_path, cfg, tok):
+    _write_run(tmp_path, cfg, tok, [(10, 3.0), (20, 2.0)])
+    metrics_file = tmp_path / ckpt.CHECKPOINT_DIR / "20" / "metrics" / "metrics"
+    assert json.loads(metrics_file.read_text()) == {"val_loss": 2.0}  # where Orbax keeps it
+    metrics_file.write_bytes(b"\x00garbage")
+    warnings = []
+    run = ckpt.load_run(tmp_path, warn=warnings.append)  # the arrays are fine (checksums verified)
+    assert run.step == 20 and len(warnings) == 1 and "checkpoints/20 is unreadable" in warnings[0], warnings
+    with pytest.raises(UserError, match="no checkpoint with a validation loss"):
+        ckpt.load_run(tmp_path, "best", warn=warnings.append)
+    with pytest.raises(UserError, match="move that step folder out"):
+        ckpt.make_manager(tmp_path, keep=3)
+    manager = ckpt.make_manager(tmp_path, keep=3, warn=warnings.append, quarantine=tmp_path / ckpt.CORRUPT_DIR)
+    assert list(manager.all_steps()) == [0, 10] and manager.best_step() == 10
+    manager.close()
+    assert [p.name.split("-")[0] for p in (tmp_path / ckpt.CORRUPT_DIR).iterdir()] == ["20"]
