@@ -15,7 +15,10 @@ The shell, ``main``: flags, data, the run directory (see ``gpt2_jax.checkpoint``
 per-epoch progress bars, per-step metrics, evaluation, the loss plot, Orbax checkpoints and
 signals. Re-running the same command in the same ``--run_dir`` resumes from the newest complete
 checkpoint, bit for bit on the same devices: the state, the dropout key and the data position are
-all in the checkpoint, and every step's randomness is derived from (seed, step, device).
+all in the checkpoint, and every step's randomness is derived from (seed, step, device). One
+training process at a time holds a run directory (``run.lock``); a write that fails (a full or
+read-only disk) stops the run with one line naming the newest complete checkpoint, and a
+non-finite loss, gradient or parameter norm stops it before any checkpoint of the bad state.
 
 Several hosts (``--distributed``, see ``init_distributed``): one process per host (or per GPU)
 joins JAX's multi-controller runtime; the same pmapped step then spans every device of every
