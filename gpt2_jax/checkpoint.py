@@ -415,8 +415,9 @@ def _quiet_abandoned_io() -> None:
     logging.getLogger("asyncio").addFilter(lambda r: not (
         "exception was never retrieved" in r.getMessage() and any(w in r.getMessage() for w in orbax_io)))
     # Reads and writes never started because another failed: garbage-collected unawaited at exit.
-    warnings.filterwarnings("ignore", r"coroutine '.*(serialize|write_fragment|read_fragment).*' was never awaited",
-                            RuntimeWarning)
+    warnings.filterwarnings(
+        "ignore", r"coroutine '.*(serialize|write_fragment|read_fragment|array_metadatas).*' was never awaited",
+        RuntimeWarning)
     # Orbax logs each failure of its threads (and re-raises it to the caller): the caller reports it.
     logging.getLogger("absl").addFilter(lambda r: not (
         r.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in r.pathname and r.exc_info is not None))
