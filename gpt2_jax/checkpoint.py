@@ -95,9 +95,15 @@ def read_run_json(run_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no {RUN_FILE}); pass the --run_dir a training run wrote")
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path} ({e}); restore it from a copy or start a new --run_dir") from None
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not even UTF-8
+        raise UserError(f"cannot read {path} ({_describe(e)}); restore it from a copy or start a new --run_dir") \
+            from None
+    if not (isinstance(record, dict) and isinstance(record.get("model"), dict)
+            and isinstance(record.get("train"), (dict, type(None)))):
+        raise UserError(f"{path} is not a run record (a JSON object with a 'model' and a 'train' section); "
+                        f"restore it from a copy or start a new --run_dir")
+    return record
 
 
 def write_run_json(run_dir: str | os.PathLike, record: dict) -> None:

@@ -213,9 +213,12 @@ def params_to_hf(params: Mapping, cfg: GPT2Config) -> dict[str, np.ndarray]:
 def _read_json(path: pathlib.Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            record = json.load(f)
+    except ValueError as e:  # not JSON, or not even UTF-8
         raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} holds a JSON {type(record).__name__}, not the object a Hugging Face folder has there")
+    return record
 
 
 def _read_safetensors(path: pathlib.Path) -> dict[str, jax.Array]:

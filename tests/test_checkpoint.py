@@ -255,3 +255,14 @@ def test_a_damaged_saved_validation_loss_is_one_warning_for_readers_and_set_asid
     assert list(manager.all_steps()) == [0, 10] and manager.best_step() == 10
     manager.close()
     assert [p.name.split("-")[0] for p in (tmp_path / ckpt.CORRUPT_DIR).iterdir()] == ["20"]
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"", b'{"model": {"n_layer": 2', b"[1, 2]",
+                                     b'{"model": "small", "train": null}', b'{"train": null}'],
+                         ids=["not-utf8", "empty", "truncated", "a-list", "model-a-string", "no-model"])
+def test_a_damaged_run_json_is_one_line_saying_which_file(tmp_path, cfg, tok, content):
+    ckpt.save_params_as_run(tmp_path, cfg, init_params(cfg, jax.random.key(0)), tok)
+    (tmp_path / ckpt.RUN_FILE).write_bytes(content)
+    with pytest.raises(UserError, match=f"{tmp_path / ckpt.RUN_FILE} .*restore it from a copy") as e:
+        ckpt.load_run(tmp_path)
+    assert "\n" not in str(e.value)

@@ -443,3 +443,15 @@ def test_sample_cli_with_hf_dir_continues_greedily_like_transformers(small_token
     assert sample.main(["sample", f"--hf_dir={tmp_path}", f"--prompt={prompt}", "--method=greedy",
                         "--max_new_tokens=12", "--nostop_at_eos"], out=out) == 0
     assert len(expected) > len(prompt) + 5 and expected in out.getvalue()
+
+
+@pytest.mark.parametrize("content, message", [(b"\xff\xfe\x00garbage", "is not valid JSON"),
+                                              (b'{"n_layer": 2', "is not valid JSON"),
+                                              (b"[1, 2]", "holds a JSON list, not the object")],
+                         ids=["not-utf8", "truncated", "a-list"])
+def test_a_damaged_config_json_is_one_line_naming_it(tiny_hf_dir, tmp_path, content, message):
+    d = _edited_copy(tiny_hf_dir, tmp_path / "damaged")
+    (d / "config.json").write_bytes(content)
+    with pytest.raises(UserError, match=f"{d / 'config.json'} {message}") as e:
+        hf.load_hf(d)
+    assert "\n" not in str(e.value)

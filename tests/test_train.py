@@ -349,3 +349,13 @@ def test_missing_data_and_too_long_warmup_are_user_errors(tmp_path, wikitext_dir
     with pytest.raises(UserError, match="--warmup_steps=5 must be smaller than the 3 training steps"):
         _main(f"--run_dir={tmp_path / 'b'}", f"--data_dir={wikitext_dir}", "--max_steps=3")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_damaged_run_json_stops_a_resume_with_one_line_and_touches_nothing(finished_run, tmp_path):
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(finished_run, run_dir)
+    (run_dir / ckpt.RUN_FILE).write_bytes(b'{"model": "tiny", "train": null}')
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ckpt.LOCK_FILE}
+    with pytest.raises(UserError, match=r"run.json is not a run record"):
+        _main(f"--run_dir={run_dir}", *RESUME_FLAGS)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ckpt.LOCK_FILE} == before
