@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import math
 import os
 import pathlib
@@ -50,6 +51,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tokenizers import Tokenizer
 
+from gpt2_jax import cache as cache_lib
 from gpt2_jax import tokenizer as tokenizer_lib
 from gpt2_jax.cli import UserError
 
@@ -332,14 +334,14 @@ def prepare_corpus(data_dir: str | os.PathLike | None = None, cache_dir: str | o
     tokens = {}
     for s in SPLITS:
         path = stream_dir / f"{s}.npy"
-        if path.is_file():
-            tokens[s] = np.load(path)
+        cached = cache_lib.read_verified(path)  # None: never made, or damaged since
+        if cached is not None:
+            tokens[s] = np.load(io.BytesIO(cached))
         else:
             tokens[s] = encode_stream(tok, lines[s])
-            stream_dir.mkdir(parents=True, exist_ok=True)
-            tmp = stream_dir / f".{s}.tmp-{os.getpid()}.npy"
-            np.save(tmp, tokens[s])
-            os.replace(tmp, path)
+            buffer = io.BytesIO()
+            np.save(buffer, tokens[s])
+            cache_lib.write_verified(path, buffer.getvalue())
         assert tokens[s].dtype == np.int32 and tokens[s].ndim == 1, (path, tokens[s].dtype, tokens[s].shape)
     return Corpus(
         tokenizer=tok,

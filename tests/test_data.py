@@ -89,7 +89,8 @@ def test_each_stream_is_eot_then_exactly_the_split_text(corpus, lines):
 def test_streams_are_cached_by_tokenizer_fingerprint(corpus, wikitext_dir, cache_dir, lines, monkeypatch):
     fingerprint = tokenizer_lib.tokenizer_fingerprint(corpus.tokenizer)
     stream_dir = cache_dir / "streams" / f"wikitext-2-v1-{fingerprint}"
-    assert sorted(p.name for p in stream_dir.iterdir()) == ["test.npy", "train.npy", "validation.npy"]
+    assert sorted(p.name for p in stream_dir.iterdir()) == [f"{s}.npy{h}" for s in ("test", "train", "validation")
+                                                            for h in ("", ".sha256")]
 
     def no_encoding(*args):
         raise AssertionError("a cached stream was tokenized again")
@@ -100,6 +101,17 @@ def test_streams_are_cached_by_tokenizer_fingerprint(corpus, wikitext_dir, cache
     for split in data.SPLITS:
         np.testing.assert_array_equal(again.tokens[split], corpus.tokens[split])
     monkeypatch.undo()
+
+    # A damaged stream (one byte changed, or cut short) is encoded again, never used.
+    train_file = stream_dir / "train.npy"
+    raw = bytearray(train_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    train_file.write_bytes(bytes(raw))
+    (stream_dir / "test.npy").write_bytes((stream_dir / "test.npy").read_bytes()[:1000])
+    repaired = data.prepare_corpus(wikitext_dir, cache_dir)
+    for split in data.SPLITS:
+        np.testing.assert_array_equal(repaired.tokens[split], corpus.tokens[split])
+    np.testing.assert_array_equal(np.load(train_file), corpus.tokens["train"])
 
     # Another tokenizer gets its own streams, never the first one's.
     small = tokenizer_lib.train_tokenizer(lines["validation"], vocab_size=600)

@@ -70,7 +70,7 @@ def test_training_is_cached_same_data_and_settings_same_file(lines, tmp_path, mo
     sample = lines["validation"]
     first = tokenizer_lib.load_or_train_tokenizer(sample, tmp_path, vocab_size=1000)
     files = sorted(tmp_path.iterdir())
-    assert len(files) == 1
+    assert [f.suffix for f in files] == [".json", ".sha256"]  # the tokenizer and the hash that verifies it
 
     def no_training(*args, **kwargs):
         raise AssertionError("retrained although the same data and settings are cached")
@@ -84,7 +84,23 @@ def test_training_is_cached_same_data_and_settings_same_file(lines, tmp_path, mo
     # Other settings or other data are other entries.
     tokenizer_lib.load_or_train_tokenizer(sample, tmp_path, vocab_size=1200)
     tokenizer_lib.load_or_train_tokenizer(sample[:-1], tmp_path, vocab_size=1000)
-    assert len(list(tmp_path.iterdir())) == 3
+    assert len(list(tmp_path.iterdir())) == 3 * 2
+
+
+def test_a_damaged_cached_tokenizer_is_trained_again_not_used(lines, tmp_path, capsys):
+    sample = lines["validation"]
+    first = tokenizer_lib.load_or_train_tokenizer(sample, tmp_path, vocab_size=1000)
+    cached = next(tmp_path.glob("*.json"))
+    text = cached.read_text()
+    assert '"add_prefix_space":false' in text
+    cached.write_text(text.replace('"add_prefix_space":false', '"add_prefix_space":true', 1))  # valid, but not it
+    assert tokenizer_lib.tokenizer_fingerprint(tokenizer_lib.load_tokenizer(cached)) != \
+        tokenizer_lib.tokenizer_fingerprint(first)
+    again = tokenizer_lib.load_or_train_tokenizer(sample, tmp_path, vocab_size=1000)
+    assert tokenizer_lib.tokenizer_fingerprint(again) == tokenizer_lib.tokenizer_fingerprint(first)
+    assert cached.read_text() == text  # repaired
+    assert capsys.readouterr().err == f"warning: cached file {cached} is damaged (its SHA-256 does not match); " \
+                                      f"rebuilding it\n"
 
 
 def test_training_is_deterministic(lines):
