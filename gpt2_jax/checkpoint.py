@@ -45,6 +45,7 @@ from jax import lax
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from gpt2_jax import files
 from gpt2_jax import tokenizer as tokenizer_lib
 from gpt2_jax.cli import UserError
 from gpt2_jax.config import GPT2Config
@@ -108,11 +109,7 @@ def read_run_json(run_dir: str | os.PathLike) -> dict:
 
 def write_run_json(run_dir: str | os.PathLike, record: dict) -> None:
     """Write ``run.json`` atomically (temp file + rename), so a crash never leaves half a file."""
-    path = pathlib.Path(run_dir) / RUN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    files.write_atomic(pathlib.Path(run_dir) / RUN_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -333,7 +330,7 @@ def checksums(tree) -> dict[str, int]:
 
 
 def _verify_checksums(name: str, tree, expected: dict[str, int] | None) -> None:
-    if expected is None or tree is None:
+    if expected is None:
         return  # saved before checksums existed
     got = checksums(tree)
     bad = [k for k in expected if got.get(k) != expected[k]]
@@ -349,12 +346,9 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, *, params, opt_st
     ``meta`` gains the arrays' checksums, which every restore verifies; pass the model's
     ``cfg.architecture()`` as ``meta["model"]`` so a restore can tell a run.json edited since.
     """
-    meta = {**meta, "checksums": {"params": checksums(params)}}
-    if opt_state is not None:
-        meta["checksums"]["opt_state"] = checksums(opt_state)
-    items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
-    if opt_state is not None:
-        items["opt_state"] = ocp.args.StandardSave(opt_state)
+    trees = {"params": params} if opt_state is None else {"params": params, "opt_state": opt_state}
+    meta = {**meta, "checksums": {name: checksums(tree) for name, tree in trees.items()}}
+    items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()} | {"meta": ocp.args.JsonSave(meta)}
     metrics = None if val_loss is None else {"val_loss": float(val_loss)}
     absl_logger = logging.getLogger("absl")
     absl_logger.addFilter(_no_missing_metrics_warning)  # a step without val_loss is expected, not news
@@ -385,22 +379,22 @@ def restore_step(manager: ocp.CheckpointManager, step: int, params_like, opt_sta
     """Read one step into the structure of ``params_like`` (arrays or shapes); ``opt_state_like=None`` reads
     only params and meta. With ``model`` (``cfg.architecture()``) a checkpoint saved by another
     architecture is a UserError. Raises whatever Orbax raises, and ValueError for damaged arrays."""
-    if model is not None:
-        saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"].get("model")
-        if saved is not None and saved != model:
-            run_file = pathlib.Path(str(manager.directory)).parent / RUN_FILE
-            diffs = [f"{k}={model.get(k)!r} in {RUN_FILE}, {saved.get(k)!r} in the checkpoint"
-                     for k in sorted(set(saved) | set(model)) if saved.get(k) != model.get(k)]
-            raise UserError(f"{run_file} does not describe the model of checkpoint step {step} ({'; '.join(diffs)}); "
-                            f"it was edited or the checkpoints come from another run: restore its model section")
-    items = {"params": ocp.args.StandardRestore(_abstract(params_like)), "meta": ocp.args.JsonRestore()}
-    if opt_state_like is not None:
-        items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
-    out = manager.restore(step, args=ocp.args.Composite(**items))
-    sums = out["meta"].get("checksums") or {}
-    _verify_checksums("params", out["params"], sums.get("params"))
-    _verify_checksums("opt_state", out.get("opt_state"), sums.get("opt_state"))
-    return Restored(step=step, params=out["params"], opt_state=out.get("opt_state"), meta=out["meta"])
+    # The small JSON first: it tells a checkpoint of another architecture before its arrays fail to fit.
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    saved = meta.get("model")
+    if model is not None and saved is not None and saved != model:
+        run_file = pathlib.Path(str(manager.directory)).parent / RUN_FILE
+        diffs = [f"{k}={model.get(k)!r} in {RUN_FILE}, {saved.get(k)!r} in the checkpoint"
+                 for k in sorted(set(saved) | set(model)) if saved.get(k) != model.get(k)]
+        raise UserError(f"{run_file} does not describe the model of checkpoint step {step} ({'; '.join(diffs)}); "
+                        f"it was edited or the checkpoints come from another run: restore its model section")
+    likes = {"params": params_like} if opt_state_like is None else {"params": params_like, "opt_state": opt_state_like}
+    out = manager.restore(step, args=ocp.args.Composite(
+        **{name: ocp.args.StandardRestore(_abstract(like)) for name, like in likes.items()}))
+    sums = meta.get("checksums") or {}
+    for name in likes:
+        _verify_checksums(name, out[name], sums.get(name))
+    return Restored(step=step, params=out["params"], opt_state=out.get("opt_state"), meta=meta)
 
 
 def _quiet_abandoned_io() -> None:

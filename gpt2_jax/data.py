@@ -51,7 +51,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tokenizers import Tokenizer
 
-from gpt2_jax import cache as cache_lib
+from gpt2_jax import files
 from gpt2_jax import tokenizer as tokenizer_lib
 from gpt2_jax.cli import UserError
 
@@ -334,14 +334,14 @@ def prepare_corpus(data_dir: str | os.PathLike | None = None, cache_dir: str | o
     tokens = {}
     for s in SPLITS:
         path = stream_dir / f"{s}.npy"
-        cached = cache_lib.read_verified(path)  # None: never made, or damaged since
+        cached = files.read_verified(path)  # None: never made, or damaged since
         if cached is not None:
             tokens[s] = np.load(io.BytesIO(cached))
         else:
             tokens[s] = encode_stream(tok, lines[s])
             buffer = io.BytesIO()
             np.save(buffer, tokens[s])
-            cache_lib.write_verified(path, buffer.getvalue())
+            files.write_verified(path, buffer.getvalue())
         assert tokens[s].dtype == np.int32 and tokens[s].ndim == 1, (path, tokens[s].dtype, tokens[s].shape)
     return Corpus(
         tokenizer=tok,

@@ -34,6 +34,7 @@ import tokenizers
 from flax import traverse_util
 from tokenizers import decoders, models, pre_tokenizers
 
+from gpt2_jax import files as files_lib
 from gpt2_jax.cli import UserError
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.model import init_params
@@ -352,9 +353,7 @@ def save_hf(cfg: GPT2Config, params: Mapping, path: str | os.PathLike,
     safetensors.numpy.save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / SAFETENSORS_FILE)
     for name, text in files.items():
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, folder / name)
+        files_lib.write_atomic(folder / name, text)
     return folder
 
 

@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from gpt2_jax import files
+
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """All records of a JSON-lines file ([] if it does not exist); a torn last line (crash mid-write) is skipped."""
@@ -48,9 +50,7 @@ def drop_records_after(path: str | os.PathLike, step: int) -> int:
     kept = [r for r in records if r["step"] <= step]
     path = pathlib.Path(path)
     if path.is_file() and len(kept) != len(path.read_text().splitlines()):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+        files.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(records) - len(kept)
 
 

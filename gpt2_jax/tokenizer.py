@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from gpt2_jax import cache as cache_lib
+from gpt2_jax import files
 from gpt2_jax.cli import UserError
 from gpt2_jax.config import GPT2Config
 
@@ -67,21 +67,17 @@ def _training_key(lines: Sequence[str], vocab_size: int) -> str:
 def load_or_train_tokenizer(lines: Sequence[str], cache_dir: str | os.PathLike, vocab_size: int = 32000) -> Tokenizer:
     """The tokenizer trained on ``lines`` with ``vocab_size``, from ``cache_dir`` if it was trained before."""
     path = pathlib.Path(cache_dir) / f"bpe-{vocab_size}-{_training_key(lines, vocab_size)[:20]}.json"
-    cached = cache_lib.read_verified(path)  # None: never trained, or damaged since
+    cached = files.read_verified(path)  # None: never trained, or damaged since
     if cached is not None:
         return Tokenizer.from_str(cached.decode("utf-8"))
     tok = train_tokenizer(lines, vocab_size)
-    cache_lib.write_verified(path, tok.to_str().encode("utf-8"))
+    files.write_verified(path, tok.to_str().encode("utf-8"))
     return tok
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
     """Write ``tok`` as JSON at ``path`` atomically (a reader never sees a half-written file)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(tok.to_str(), encoding="utf-8")
-    os.replace(tmp, path)
+    files.write_atomic(path, tok.to_str())
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

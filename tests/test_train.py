@@ -190,7 +190,7 @@ def _losses(run_dir):
 
 
 def _steps(run_dir):
-    return sorted(int(p.name) for p in (pathlib.Path(run_dir) / ckpt.CHECKPOINT_DIR).iterdir() if p.name.isdigit())
+    return ckpt.complete_steps(pathlib.Path(run_dir) / ckpt.CHECKPOINT_DIR)
 
 
 RESUME_FLAGS = ("--max_steps=150", "--ckpt_every=10", "--eval_every=50")
