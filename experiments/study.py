@@ -73,6 +73,18 @@ def train(run_dir: pathlib.Path, flags: dict) -> float:
     return time.time() - t0
 
 
+def finished_run(run_dir: pathlib.Path, flags: dict) -> bool:
+    """Whether ``run_dir`` holds a training started with exactly these train flags that reached its last step
+    (its final validation evaluation is written), so that resuming it would do nothing."""
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    given = {a for a in run.get("command", [])[1:] if not a.startswith("--run_dir=")}
+    evals = [r for r in read_jsonl(run_dir / "evals.jsonl") if r.get("split") == "validation"]
+    return given == {f"--{k}={v}" for k, v in flags.items()} and bool(evals) and evals[-1]["step"] == run.get("total_steps")
+
+
 def evaluate(run_dir: pathlib.Path, *, split: str = "test", step: str = "best", stride: int | None = None) -> dict:
     """``python -m gpt2_jax.evaluate``'s JSON line."""
     cmd = [sys.executable, "-m", "gpt2_jax.evaluate", f"--run_dir={run_dir}", f"--split={split}", f"--step={step}",
@@ -158,6 +170,12 @@ def copy_plot(run_dir: pathlib.Path, out_dir: pathlib.Path, name: str) -> str:
     if src.is_file():
         shutil.copyfile(src, dst)
     return dst.name
+
+
+def load_metrics(out_dir: pathlib.Path) -> dict | None:
+    """The study's metrics.json from an earlier invocation, or None."""
+    path = out_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def save_metrics(out_dir: pathlib.Path, record: dict) -> None:
