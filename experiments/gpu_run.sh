@@ -24,6 +24,8 @@
 #                   environment, each step's log and each run's run.json, metrics.jsonl, evals.jsonl)
 #   gpu_run.md      which steps finished, timed out, failed or were skipped, with their times
 #   gpu_run.log     every step's output (also printed)
+# Exit code: 0 when every step has finished, 3 when some have not (run it again), 2 for a missing
+# input or no GPU.
 # Environment, defaulting to the GPU's values (experiments/rehearse_gpu_run.sh sets them for the CPU):
 #   GPU_RUN_PYTHON       the image's Python (python3)
 #   GPU_RUN_BUDGET_S     seconds for all steps (540: the device tool allows 600 per command)
@@ -232,5 +234,9 @@ LEFT=$((DEADLINE - $(date +%s)))
 step best_recipe "$LEFT" "$PY" experiments/best_recipe.py --time_limit=$((LEFT > 30 ? LEFT - 30 : 1)) \
     --out="$RES/best_recipe" --runs="$WORK/runs/best_recipe" "${BASELINE[@]}" "${STUDY_FLAGS[@]}"
 
-echo "=== gpu_run done in $(($(date +%s) - START)) s; $OUT/results.tar.gz, $OUT/gpu_run.md:" | tee -a "$OUT/gpu_run.log"
+pack
+echo "=== gpu_run call $CALL done in $(($(date +%s) - START)) s; $OUT/results.tar.gz, $OUT/gpu_run.md:" | tee -a "$OUT/gpu_run.log"
 cat "$OUT/gpu_run.md"
+for name in install data bench seed_small seed_medium best_recipe; do
+    finished "$name" || exit 3 # not all done: the same command again goes on
+done

@@ -47,7 +47,7 @@ def main() -> None:
 
 
 def write_summary(out, record: dict, dtype: str) -> None:
-    study.write_samples(out / "samples.md", {size: r["samples"] for size, r in record["runs"].items()})
+    study.write_samples(out / "samples.md", {size: r["samples"] for size, r in record["runs"].items()}, step="latest")
     extra = f"; extra train flags {record['extra']}" if record["extra"] else ""
     lines = [f"# {NAME}", "", f"Hardware: {record['hardware']}; compute dtype {dtype}; setup {SETUP}{extra}.", "",
              "| model | test token ppl (report) | test token ppl (ours, epoch 5) | test word ppl (ours) | "

@@ -150,9 +150,10 @@ def samples(run_dir: pathlib.Path, *, step: str = "best", max_new_tokens: int = 
     return out
 
 
-def write_samples(path: pathlib.Path, by_run: dict[str, list[dict]]) -> None:
+def write_samples(path: pathlib.Path, by_run: dict[str, list[dict]], *, step: str = "best") -> None:
+    which = {"best": "best checkpoint (lowest validation loss)", "latest": "last checkpoint"}.get(step, f"step {step}")
     lines = ["# Samples", "", "Greedy, top-k (k=50) and nucleus (p=0.9) decoding, 60 new tokens, seed 0 + prompt index, from each "
-             "run's best checkpoint (lowest validation loss).", ""]
+             f"run's {which}.", ""]
     for run, rows in by_run.items():
         lines += [f"## {run}", ""]
         for row in rows:

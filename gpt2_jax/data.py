@@ -10,9 +10,11 @@ Where the text comes from
          the zip archive, or the archive itself;
       2. TFDS's manual dir (``<tfds_dir>/downloads/manual/``), same contents;
       3. a download of the author's archive (wikitext.smerity.com; the original S3 address is dead).
-    Every file's hash is checked against the known-good values below before anything is written.
-    The prepared array_record files live in a TFDS data dir under the cache
-    (``$GPT2_JAX_CACHE`` or ``~/.cache/gpt2_jax``), so preparation happens once.
+    Every file's hash is checked against the known-good values below before anything is written,
+    and a given data dir on every load, even when the prepared copy exists. The prepared
+    array_record files live in a TFDS data dir under the cache (``$GPT2_JAX_CACHE`` or
+    ``~/.cache/gpt2_jax``), so preparation happens once; each split read back is checked against
+    the same hash (its lines joined are the file) and a damaged one is rebuilt, with one warning.
 
 How lines become one token stream (the choice, and why perplexity stays honest)
     Each line (with its newline) is encoded on its own and the encodings are concatenated, so the
@@ -41,10 +43,13 @@ import io
 import math
 import os
 import pathlib
+import shutil
+import sys
+import time
 import urllib.error
 import urllib.request
 import zipfile
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -159,10 +164,15 @@ def _first_line(e: object) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _digest(cfg: WikiTextConfig, name: str, data: bytes) -> tuple[str, str, str]:
+    """(algorithm, digest of ``data``, known-good digest) for the source file ``name``."""
+    algorithm, want = cfg.hashes[name]
+    return algorithm, hashlib.new(algorithm, data).hexdigest(), want
+
+
 def _verify(files: dict[str, bytes], cfg: WikiTextConfig, where: pathlib.Path | str) -> None:
     for name, data in files.items():
-        algorithm, want = cfg.hashes[name]
-        got = hashlib.new(algorithm, data).hexdigest()
+        algorithm, got, want = _digest(cfg, name, data)
         if got != want:
             raise DataError(f"{name} from {where} has {algorithm.upper()} {got}, not the known-good {want} "
                             f"of {cfg.name}; {_offline_hint(cfg)}")
@@ -185,33 +195,40 @@ def _download(url: str, dest: pathlib.Path, cfg: WikiTextConfig) -> None:
                         f"{_offline_hint(cfg)}") from None
 
 
-def _read_source_files(cfg: WikiTextConfig, source: str | os.PathLike | None, manual_dir: pathlib.Path | None,
-                      download_dir: pathlib.Path, url: str | None = None) -> dict[str, bytes]:
-    """The verified bytes of the three files: ``source``, else ``manual_dir``, else a download."""
-    if source is not None:
-        source = pathlib.Path(source).expanduser()
-        if not source.exists():
-            raise DataError(f"data dir {source} does not exist; {_offline_hint(cfg)}")
-        files = _files_in(source, cfg)
-        if files is None:
-            raise DataError(f"{source} holds neither {', '.join(cfg.file_name(s) for s in SPLITS)} nor "
-                            f"{cfg.archive_name}; {_offline_hint(cfg)}")
-        _verify(files, cfg, source)
-        return files
+def _read_data_dir(cfg: WikiTextConfig, source: str | os.PathLike, given: str) -> dict[str, bytes]:
+    """The verified bytes of the three files in ``source``, which the user gave as ``given`` (flag=path)."""
+    path = pathlib.Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"{given} does not exist; {_offline_hint(cfg)}")
+    try:
+        files = _files_in(path, cfg)
+    except DataError as e:
+        raise DataError(f"{given}: {e}") from None
+    if files is None:
+        raise DataError(f"{given} holds neither {', '.join(cfg.file_name(s) for s in SPLITS)} nor "
+                        f"{cfg.archive_name}; {_offline_hint(cfg)}")
+    _verify(files, cfg, given)
+    return files
+
+
+def _read_manual_or_download(cfg: WikiTextConfig, manual_dir: pathlib.Path | None, download_dir: pathlib.Path,
+                             url: str | None = None) -> tuple[str, dict[str, bytes]]:
+    """(where from, the verified bytes of the three files): TFDS's ``manual_dir``, else a download."""
     if manual_dir is not None and (files := _files_in(manual_dir, cfg)) is not None:
         _verify(files, cfg, manual_dir)
-        return files
+        return str(manual_dir), files
+    url = url or cfg.archive_url
     archive = download_dir / cfg.archive_name
     if not archive.is_file():
-        _download(url or cfg.archive_url, archive, cfg)
+        _download(url, archive, cfg)
     try:
         files = _files_in(archive, cfg)
         assert files is not None, archive
-        _verify(files, cfg, url or cfg.archive_url)
+        _verify(files, cfg, url)
     except DataError:
         archive.unlink(missing_ok=True)  # never keep a bad download around to fail again
         raise
-    return files
+    return url, files
 
 
 def split_lines(text: str) -> list[str]:
@@ -237,13 +254,18 @@ class WikiText2(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Optional: put wiki.{train,valid,test}.tokens or wikitext-2-v1.zip (raw config: wiki.*.raw or "
         "wikitext-2-raw-v1.zip) in the manual dir to prepare the dataset without a download.")
+    # TFDS prints "Downloading and preparing dataset ..." and "... Subsequent calls will reuse this
+    # data." to stdout; quiet_tfds turns these off (the CLIs print one line of their own instead).
+    tfds_messages = True
 
     # TFDS 4.9.10 finds this file through the `importlib_resources` backport, which current etils no
     # longer installs; the answer is simply this module's file.
     code_path = epath.Path(__file__)
 
-    def __init__(self, *, source: str | os.PathLike | None = None, download_url: str | None = None, **kwargs):
-        self._source = source
+    def __init__(self, *, source: tuple[str, dict[str, bytes]] | None = None, download_url: str | None = None,
+                 **kwargs):
+        """``source``: (where from, verified bytes of the three files); None: TFDS's manual dir or a download."""
+        self.source = source
         self._download_url = download_url
         super().__init__(**kwargs)
 
@@ -260,39 +282,111 @@ class WikiText2(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        try:
-            manual_dir = dl_manager.manual_dir
-        except AssertionError:  # TFDS: manual dir missing or empty
-            manual_dir = None
-        files = _read_source_files(self.builder_config, self._source, manual_dir,
-                                  pathlib.Path(dl_manager.download_dir), self._download_url)
+        if self.source is None:
+            try:
+                manual_dir = dl_manager.manual_dir
+            except AssertionError:  # TFDS: manual dir missing or empty
+                manual_dir = None
+            self.source = _read_manual_or_download(self.builder_config, manual_dir,
+                                                   pathlib.Path(dl_manager.download_dir), self._download_url)
+        files = self.source[1]
         return {split: self._generate_examples(files[self.builder_config.file_name(split)]) for split in SPLITS}
 
     def _generate_examples(self, data: bytes):
         for i, line in enumerate(split_lines(data.decode("utf-8"))):
             yield i, {"text": line}
 
+    def _log_download_bytes(self) -> None:
+        if self.tfds_messages:
+            super()._log_download_bytes()
+
+    def _log_download_done(self) -> None:
+        if self.tfds_messages:
+            super()._log_download_done()
+
+
+def quiet_tfds() -> None:
+    """Keep TFDS's own progress bars and messages off the terminal (for the CLIs, unless --verbose)."""
+    tfds.disable_progress_bar()
+    WikiText2.tfds_messages = False
+
+
+class _Damaged(Exception):
+    """The prepared data cannot be read, or is not the source text byte for byte."""
+
+
+def _prepared_lines(cfg: WikiTextConfig, tfds_dir: pathlib.Path, splits: Sequence[str],
+                    source: tuple[str, dict[str, bytes]] | None, download_url: str | None,
+                    log: Callable[[str], None] | None) -> dict[str, list[str]]:
+    """The lines of ``splits`` from the prepared data, preparing it first if absent; ``_Damaged`` if damaged."""
+    try:
+        builder = WikiText2(config=cfg.name, data_dir=os.fspath(tfds_dir), source=source, download_url=download_url)
+    except Exception as e:  # a damaged dataset_info.json: TFDS raises json or protobuf errors
+        raise _Damaged(_first_line(e)) from None
+    # TFDS prepares into a temporary folder renamed at the end, so the folder exists only when complete
+    # (builder.is_prepared() would log a warning when it does not).
+    if not builder.data_path.exists():
+        t0 = time.perf_counter()
+        builder.download_and_prepare(file_format="array_record",
+                                     download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        if log is not None:
+            counts = ", ".join(f"{builder.info.splits[s].num_examples:,} {s}" for s in SPLITS)
+            log(f"prepared WikiText-2 {cfg.name} ({counts} lines) from {builder.source[0]} in {builder.data_dir} "
+                f"in {time.perf_counter() - t0:.1f} s")
+    lines = {}
+    for split in splits:
+        try:
+            ds = builder.as_data_source(split=split)
+            texts = [r["text"] for r in ds.__getitems__(range(len(ds)))]
+        except Exception as e:  # a truncated, emptied or missing array_record file: riegeli raises RuntimeError
+            raise _Damaged(f"split {split}: {_first_line(e)}") from None
+        # The lines joined are the source file byte for byte, so its known-good hash checks them all.
+        algorithm, got, want = _digest(cfg, cfg.file_name(split), b"".join(texts))
+        if got != want:
+            raise _Damaged(f"split {split} has {algorithm.upper()} {got}, not the source file's {want}")
+        lines[split] = [t.decode("utf-8") for t in texts]
+    return lines
+
+
+def load_splits(splits: Sequence[str] = SPLITS, data_dir: str | os.PathLike | None = None, *,
+                variant: str = "wikitext-2-v1", tfds_dir: str | os.PathLike | None = None,
+                download_url: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, list[str]]:
+    """Every line (newline kept) of each of ``splits``, read through the TFDS builder (prepared on first use).
+
+    ``data_dir`` (else ``$GPT2_JAX_DATA_DIR``) names the source files, verified on every call even
+    when the prepared data exists; ``tfds_dir`` (default ``<cache>/tfds``) is where the builder keeps
+    its array_record files. Prepared data that is damaged is rebuilt (one warning on stderr).
+    ``log`` receives one line when the data is prepared.
+    """
+    for split in splits:
+        if split not in SPLITS:
+            raise UserError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    cfg = _variant(variant)
+    # A data dir that points nowhere or at other files is reported, not ignored in favour of the cache.
+    source = None
+    if data_dir is not None:
+        given = f"--data_dir={os.fspath(data_dir)}"
+        source = given, _read_data_dir(cfg, data_dir, given)
+    elif os.environ.get(DATA_DIR_ENV):
+        given = f"{DATA_DIR_ENV}={os.environ[DATA_DIR_ENV]}"
+        source = given, _read_data_dir(cfg, os.environ[DATA_DIR_ENV], given)
+    tfds_dir = pathlib.Path(tfds_dir) if tfds_dir is not None else default_cache_dir() / "tfds"
+    try:
+        return _prepared_lines(cfg, tfds_dir, splits, source, download_url, log)
+    except _Damaged as e:
+        version_dir = tfds_dir / WikiText2.name / cfg.name / str(WikiText2.VERSION)
+        print(f"warning: the prepared WikiText-2 in {version_dir} is damaged ({e}); rebuilding it", file=sys.stderr)
+        shutil.rmtree(version_dir, ignore_errors=True)
+    try:
+        return _prepared_lines(cfg, tfds_dir, splits, source, download_url, log)
+    except _Damaged as e:
+        raise AssertionError(f"freshly prepared from verified files, yet damaged: {e}") from None
+
 
 def load_split_lines(split: str, data_dir: str | os.PathLike | None = None, *, variant: str = "wikitext-2-v1",
                      tfds_dir: str | os.PathLike | None = None, download_url: str | None = None) -> list[str]:
-    """Every line of ``split`` (newline kept), read through the TFDS builder (prepared on first use).
-
-    ``data_dir`` (else ``$GPT2_JAX_DATA_DIR``) names the source files; ``tfds_dir`` (default
-    ``<cache>/tfds``) is where the builder keeps its array_record files.
-    """
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
-    cfg = _variant(variant)
-    source = data_dir if data_dir is not None else (os.environ.get(DATA_DIR_ENV) or None)
-    tfds_dir = pathlib.Path(tfds_dir) if tfds_dir is not None else default_cache_dir() / "tfds"
-    builder = WikiText2(config=cfg.name, data_dir=os.fspath(tfds_dir), source=source, download_url=download_url)
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-    )
-    ds = builder.as_data_source(split=split)
-    records = ds.__getitems__(range(len(ds)))
-    return [r["text"].decode("utf-8") for r in records]
+    """Every line of ``split`` (newline kept); see ``load_splits``."""
+    return load_splits((split,), data_dir, variant=variant, tfds_dir=tfds_dir, download_url=download_url)[split]
 
 
 def count_words(lines: Sequence[str]) -> int:
@@ -323,11 +417,14 @@ def encode_stream(tok: Tokenizer, lines: Sequence[str]) -> np.ndarray:
 
 def prepare_corpus(data_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *,
                    vocab_size: int = 32000, variant: str = "wikitext-2-v1", tokenizer: Tokenizer | None = None,
-                   download_url: str | None = None) -> Corpus:
-    """Lines -> tokenizer (trained on train only, cached) -> token streams (cached by tokenizer fingerprint)."""
+                   download_url: str | None = None, log: Callable[[str], None] | None = None) -> Corpus:
+    """Lines -> tokenizer (trained on train only, cached) -> token streams (cached by tokenizer fingerprint).
+
+    ``log`` receives one line if the TFDS data had to be prepared (see ``load_splits``).
+    """
     cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    lines = {s: load_split_lines(s, data_dir, variant=variant, tfds_dir=cache / "tfds", download_url=download_url)
-             for s in SPLITS}
+    lines = load_splits(SPLITS, data_dir, variant=variant, tfds_dir=cache / "tfds", download_url=download_url,
+                        log=log)
     tok = tokenizer if tokenizer is not None else tokenizer_lib.load_or_train_tokenizer(
         lines["train"], cache / "tokenizers", vocab_size)
     stream_dir = cache / "streams" / f"{variant}-{tokenizer_lib.tokenizer_fingerprint(tok)}"
@@ -526,19 +623,20 @@ def _define_flags():
     flags.DEFINE_integer("vocab_size", 32000, "BPE vocabulary size, <|endoftext|> included", lower_bound=258,
                          flag_values=fv)
     flags.DEFINE_enum("variant", "wikitext-2-v1", list(VARIANTS), "WikiText-2 variant", flag_values=fv)
+    flags.DEFINE_boolean("verbose", False, "show TensorFlow Datasets' own messages and progress bars",
+                         flag_values=fv)
     return fv
 
 
 def main(argv: Sequence[str]) -> None:
-    import time
-
     from gpt2_jax.cli import parse_flags
 
     fv = _define_flags()
     parse_flags(fv, argv, "Prepare WikiText-2 (TFDS builder, BPE tokenizer, token streams) and print its sizes.")
-    tfds.disable_progress_bar()
+    if not fv.verbose:
+        quiet_tfds()
     t0 = time.perf_counter()
-    corpus = prepare_corpus(fv.data_dir, fv.cache_dir, vocab_size=fv.vocab_size, variant=fv.variant)
+    corpus = prepare_corpus(fv.data_dir, fv.cache_dir, vocab_size=fv.vocab_size, variant=fv.variant, log=print)
     seconds = time.perf_counter() - t0
     tok = corpus.tokenizer
     print(f"tokenizer: {tokenizer_lib.num_tokens(tok)} tokens, fingerprint {tokenizer_lib.tokenizer_fingerprint(tok)}")

@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -124,7 +123,7 @@ def _define_flags() -> flags.FlagValues:
     define_model_flags(fv, "evaluate")
     flags.DEFINE_enum("split", "test", list(SPLIT_ALIASES), "Split to score (valid is an alias of validation).",
                       flag_values=fv)
-    flags.DEFINE_string("data_dir", os.environ.get("GPT2_JAX_DATA_DIR") or None,
+    flags.DEFINE_string("data_dir", None,
                         "Folder with wiki.{train,valid,test}.tokens or the archive (default $GPT2_JAX_DATA_DIR).",
                         flag_values=fv)
     flags.DEFINE_integer("stride", None, "Sliding-window evaluation: score this many new tokens per window, each "
@@ -139,6 +138,8 @@ def _define_flags() -> flags.FlagValues:
     flags.DEFINE_string("output", None, "Where to save the JSON (default: <run_dir>/eval_<split>_<step>.json).",
                         flag_values=fv)
     flags.DEFINE_bool("quiet", False, "No progress bar.", flag_values=fv)
+    flags.DEFINE_bool("verbose", False, "Show TensorFlow Datasets' own messages and progress bars while the data "
+                      "is prepared.", flag_values=fv)
     return fv
 
 
@@ -155,9 +156,12 @@ def main(argv: Sequence[str]) -> int:
     if fv.stride is not None and fv.stride > seq_len:
         raise cli.UserError(f"--stride={fv.stride} must not exceed the window length {seq_len}")
 
-    from gpt2_jax.data import prepare_corpus
+    from gpt2_jax.data import prepare_corpus, quiet_tfds
 
-    corpus = prepare_corpus(fv.data_dir, tokenizer=tokenizer)
+    if not fv.verbose:
+        quiet_tfds()
+    log = None if fv.quiet else functools.partial(print, file=sys.stderr)  # stdout is the JSON line
+    corpus = prepare_corpus(fv.data_dir, tokenizer=tokenizer, log=log)
     progress = None
     if not fv.quiet:
         from tqdm import tqdm

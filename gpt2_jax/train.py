@@ -302,7 +302,7 @@ def _define_flags() -> flags.FlagValues:
     flags.DEFINE_enum("size", "tiny", list(PRESETS), "model preset (see python -m gpt2_jax.config)", flag_values=fv)
     flags.DEFINE_string("run_dir", None, "run directory: config, tokenizer, checkpoints, metrics, plot. "
                         "Re-running the same command in it resumes the run", flag_values=fv)
-    flags.DEFINE_string("data_dir", os.environ.get(data.DATA_DIR_ENV),
+    flags.DEFINE_string("data_dir", None,
                         f"folder with wiki.{{train,valid,test}}.tokens (default ${data.DATA_DIR_ENV})", flag_values=fv)
     flags.DEFINE_string("cache_dir", None, f"prepared data, tokenizers and token streams "
                         f"(default ${data.CACHE_ENV} or ~/.cache/gpt2_jax)", flag_values=fv)
@@ -353,6 +353,8 @@ def _define_flags() -> flags.FlagValues:
                          flag_values=fv)
     flags.DEFINE_boolean("quiet", False, "no progress bars or eval lines, only warnings, errors and a summary",
                          flag_values=fv)
+    flags.DEFINE_boolean("verbose", False, "show TensorFlow Datasets' own messages and progress bars while the "
+                         "data is prepared", flag_values=fv)
     flags.DEFINE_boolean("distributed", None, "join a multi-process run through jax.distributed, one process per "
                          "host (or per GPU), all sharing one --run_dir. Default: on when --coordinator_address, "
                          "--num_processes or --process_id is given, or under srun / mpirun with 2+ tasks. "
@@ -496,6 +498,8 @@ def _agree(signum: int, overdue: bool) -> tuple[int, bool]:
 
 def main(argv: Sequence[str]) -> int:
     fv = parse_flags(_define_flags(), argv, __doc__)
+    if not fv.verbose:
+        data.quiet_tfds()
     if not fv.run_dir:
         raise UserError("--run_dir is required: the folder that holds (or will hold) the run")
     for name in ("eval_every", "ckpt_every", "keep", "log_every"):
@@ -595,7 +599,8 @@ def _open_run(fv, cfg, train_cfg, record, run_dir, argv) -> tuple[data.Corpus, i
                             f"or the flags it was started with")
         tok = tokenizer_lib.load_tokenizer(run_dir / ckpt.TOKENIZER_FILE)
         ckpt.check_tokenizer(run_dir, saved, tok)
-    corpus = data.prepare_corpus(fv.data_dir, fv.cache_dir, vocab_size=cfg.vocab_size, tokenizer=tok)
+    log = functools.partial(print, file=sys.stderr) if primary and not fv.quiet else None
+    corpus = data.prepare_corpus(fv.data_dir, fv.cache_dir, vocab_size=cfg.vocab_size, tokenizer=tok, log=log)
     tokenizer_lib.check_vocab_matches(corpus.tokenizer, cfg)
     spe = data.steps_per_epoch(len(corpus.tokens["train"]), cfg.n_ctx, train_cfg.batch_size)
     num_steps = total_steps(train_cfg, spe)

@@ -60,7 +60,7 @@ RANGES = {
         "d_model": ("0", ("--d_model=30", "--n_head=4")),
         "n_head": ("0", "5"),  # the tiny preset's d_model 256 is not divisible by 5 heads
         "eval_every": ("0",), "ckpt_every": ("0",), "ckpt_minutes": ("-1",), "keep": ("0",), "log_every": ("0",),
-        "quiet": (), "distributed": (), "coordinator_address": ("localhost",), "num_processes": ("0",),
+        "quiet": (), "verbose": (), "distributed": (), "coordinator_address": ("localhost",), "num_processes": ("0",),
         "process_id": ("-1", ("--num_processes=2", "--process_id=2")), "local_device_ids": ("a", "-1"),
     },
     "sample": {
@@ -74,7 +74,7 @@ RANGES = {
     "evaluate": {
         "run_dir": (), "hf_dir": (), "step": ("last", "-1"), "split": (), "data_dir": (),
         "stride": ("0", str(N_CTX + 1), ("--seq_len=8", "--stride=9")), "seq_len": ("0", "1", str(N_CTX + 1)),
-        "batch_size": ("0", "-1"), "output": (), "quiet": (),
+        "batch_size": ("0", "-1"), "output": (), "quiet": (), "verbose": (),
     },
     "convert": {"from_hf": (), "to_hf": (), "run_dir": (), "step": ("abc", "-1")},
     "bench": {
@@ -82,7 +82,7 @@ RANGES = {
         "dropout": ("-0.1", "1"), "attention": (), "peak_tflops": ("0", "-1"), "prompt_len": ("0", "129"),
         "new_tokens": ("0",), "method": (), "repeats": ("0",), "seed": ("-1", str(MAX_SEED + 1)),
     },
-    "data": {"data_dir": (), "cache_dir": (), "vocab_size": ("0", "257"), "variant": ()},
+    "data": {"data_dir": (), "cache_dir": (), "vocab_size": ("0", "257"), "variant": (), "verbose": ()},
 }
 
 

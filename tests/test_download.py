@@ -139,7 +139,7 @@ def test_checksum_mismatch_is_one_line_error_saying_how_to_provide_the_data(wiki
         data.load_split_lines("test", folder, tfds_dir=tmp_path / "tfds")
     message = str(e.value)
     assert "\n" not in message
-    assert f"wiki.valid.tokens from {folder} has SHA256 {expected}" in message
+    assert f"wiki.valid.tokens from --data_dir={folder} has SHA256 {expected}" in message
     assert "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8" in message  # the known-good one
     assert "--data_dir=FOLDER" in message and data.DATA_DIR_ENV in message
     # Nothing was prepared from the bad files.
