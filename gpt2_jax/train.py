@@ -15,7 +15,7 @@ The shell, ``main``: flags, data, the run directory (see ``gpt2_jax.checkpoint``
 per-epoch progress bars, per-step metrics, evaluation, the loss plot, Orbax checkpoints and
 signals. Re-running the same command in the same ``--run_dir`` resumes from the newest complete
 checkpoint, bit for bit on the same devices: the state, the dropout key and the data position are
-all in the checkpoint, and every step's randomness is derived from (seed, step, device). One
+all in the checkpoint, and every step's randomness is derived from (seed, step, global row). One
 training process at a time holds a run directory (``run.lock``); a write that fails (a full or
 read-only disk) stops the run with one line naming the newest complete checkpoint, and a
 non-finite loss, gradient or parameter norm stops it before any checkpoint of the bad state.
@@ -81,7 +81,7 @@ class TrainConfig:
     epochs: int = 5
     max_steps: int | None = None  # stop before the last epoch ends (the LR schedule then ends here too)
     lr: float = 6e-4  # peak learning rate
-    warmup_steps: int = 100  # linear from 0 to lr, then cosine down to lr * final_lr_fraction
+    warmup_steps: int | None = None  # linear from 0 to lr, then cosine down; None: see warmup_steps()
     final_lr_fraction: float = 0.1
     weight_decay: float = 0.1  # decoupled (AdamW), on matrices only: see decay_mask
     grad_clip: float = 1.0  # global gradient norm; 0 disables
@@ -98,7 +98,7 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         for name in ("warmup_steps", "weight_decay", "grad_clip", "seed"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.final_lr_fraction <= 1.0:
             raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
@@ -115,12 +115,19 @@ def total_steps(train_cfg: TrainConfig, steps_per_epoch: int) -> int:
     return n if train_cfg.max_steps is None else min(n, train_cfg.max_steps)
 
 
+def warmup_steps(train_cfg: TrainConfig, num_steps: int) -> int:
+    """The run's warmup: ``train_cfg.warmup_steps``, or by default 100 steps, a tenth of a shorter run
+    (so a first 20-step smoke run just works)."""
+    return min(100, num_steps // 10) if train_cfg.warmup_steps is None else train_cfg.warmup_steps
+
+
 def make_schedule(train_cfg: TrainConfig, num_steps: int) -> optax.Schedule:
     """Learning rate at each step: linear warmup 0 -> lr, then cosine to ``lr * final_lr_fraction`` at ``num_steps``."""
-    if not 0 <= train_cfg.warmup_steps < num_steps:
-        raise ValueError(f"warmup_steps={train_cfg.warmup_steps} must be smaller than the {num_steps} training steps")
+    warmup = warmup_steps(train_cfg, num_steps)
+    if not 0 <= warmup < num_steps:
+        raise ValueError(f"warmup_steps={warmup} must be smaller than the {num_steps} training steps")
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=train_cfg.lr, warmup_steps=train_cfg.warmup_steps,
+        init_value=0.0, peak_value=train_cfg.lr, warmup_steps=warmup,
         decay_steps=num_steps, end_value=train_cfg.lr * train_cfg.final_lr_fraction)
 
 
@@ -163,20 +170,26 @@ def init_train_state(cfg: GPT2Config, optimizer: optax.GradientTransformation, r
 Batch = dict  # {"inputs": int32 (B, T), "targets": int32 (B, T), "mask": float32 (B, T)} per device
 
 
-def step_rng(rng: jax.Array, step: jax.Array, axis_name: str | None = AXIS) -> jax.Array:
-    """The dropout key of ``step`` on this device: ``fold_in(fold_in(rng, step), device index)``."""
-    rng = jax.random.fold_in(rng, step)
-    return rng if axis_name is None else jax.random.fold_in(rng, lax.axis_index(axis_name))
+def example_keys(rng: jax.Array, step: jax.Array, first_row: jax.Array | int, rows: int) -> jax.Array:
+    """Dropout keys of global batch rows ``first_row .. first_row + rows - 1`` at ``step``.
+
+    ``fold_in(fold_in(rng, step), global row)``: a row's masks depend on the step and on its place
+    in the global batch only, so 1 device, 2 devices and 2 processes of 1 device train alike (up
+    to float reduction order), and a run resumed on another device count keeps its trajectory.
+    """
+    step_key = jax.random.fold_in(rng, step)
+    return jax.vmap(lambda row: jax.random.fold_in(step_key, row))(first_row + jnp.arange(rows))
 
 
 def make_train_step(cfg: GPT2Config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                     axis_name: str | None = AXIS) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
     """``train_step(state, batch, rng) -> (state, metrics)``: one AdamW update on the masked mean next-token loss.
 
-    ``rng`` is the run's dropout key; the step's key is ``fold_in(fold_in(rng, step), device)``,
-    so dropout differs per step and per device and a resumed run draws exactly the same masks.
-    Under ``jax.pmap(..., axis_name=axis_name)`` every device sees its rows of the global batch
-    and all devices end with identical states and metrics (all-reduced).
+    ``rng`` is the run's dropout key; each row draws its masks from ``example_keys`` (its global
+    row index: this device's index along ``axis_name`` times its rows, plus the row), so a resumed
+    run draws exactly the same masks however the batch is split. Under
+    ``jax.pmap(..., axis_name=axis_name)`` every device sees its rows of the global batch and all
+    devices end with identical states and metrics (all-reduced).
     """
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]:
@@ -186,10 +199,15 @@ def make_train_step(cfg: GPT2Config, optimizer: optax.GradientTransformation, sc
         tokens = mask_BT.sum()
         if axis_name is not None:
             tokens = lax.psum(tokens, axis_name)
-        rng = step_rng(rng, state.step, axis_name)
+        B = inputs_BT.shape[0]
+        first_row = 0 if axis_name is None else lax.axis_index(axis_name) * B
+        keys_B = example_keys(rng, state.step, first_row, B)
+
+        def row_logits(params, tokens_T, key):  # one row, its own dropout key
+            return forward(params, cfg, tokens_T[None], deterministic=False, rng=key)[0]
 
         def loss_fn(params):
-            logits_BTV = forward(params, cfg, inputs_BT, deterministic=False, rng=rng)
+            logits_BTV = jax.vmap(row_logits, in_axes=(None, 0, 0))(params, inputs_BT, keys_B)
             # This device's NLL sum over the GLOBAL number of scored tokens: summed over devices it
             # is exactly the global masked mean (and so is its gradient) however the masks differ,
             # where a pmean of per-device means would weigh a half-masked device like a full one.
@@ -284,9 +302,26 @@ def prefetch_to_devices(items: Iterator[tuple[Any, Batch]], sharding: jax.shardi
         enqueue(1)
 
 
+def collectives_need_serial_dispatch() -> bool:
+    """True where independent pmapped calls must not be queued ahead: several CPU devices in a process.
+
+    XLA:CPU runs every local device's executions on one thread pool (a thread per core). Calls
+    with no data dependency between them (evaluation batches) may then run concurrently, and
+    with as few threads as devices every thread can end up in an all-reduce waiting for a peer
+    execution that never gets a thread: measured on 2 cores with 2 devices at tiny size, the
+    validation pass aborted with "rendezvous ... Termination timeout of 40 seconds exceeded".
+    """
+    return jax.local_devices()[0].platform == "cpu" and jax.local_device_count() > 1
+
+
 def evaluate(p_eval_step: Callable, params_N, batches: Iterable[Batch]) -> tuple[float, float]:
     """(total NLL in nats, scored tokens) of a pmapped ``eval_step`` over ``batches``, summed in float64."""
-    outs = [p_eval_step(params_N, b) for b in batches]  # dispatched back to back, fetched once
+    serial = collectives_need_serial_dispatch()
+    outs = []
+    for b in batches:  # dispatched back to back (one at a time where they would deadlock), fetched once
+        outs.append(p_eval_step(params_N, b))
+        if serial:
+            jax.block_until_ready(outs[-1])
     host = jax.device_get(outs)
     nll = math.fsum(float(o["nll_sum"][0]) for o in host)
     tokens = math.fsum(float(o["tokens"][0]) for o in host)
@@ -315,8 +350,8 @@ def _define_flags() -> flags.FlagValues:
                          flag_values=fv)
     flags.DEFINE_float("lr", d.lr, "peak learning rate", flag_values=fv)
     check(fv, "lr", lambda v: v > 0, "must be > 0")
-    flags.DEFINE_integer("warmup_steps", d.warmup_steps, "linear warmup steps before the cosine decay",
-                         lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("warmup_steps", d.warmup_steps, "linear warmup steps before the cosine decay (default: "
+                         "100, or a tenth of a shorter run)", lower_bound=0, flag_values=fv)
     flags.DEFINE_float("final_lr_fraction", d.final_lr_fraction, "the cosine ends at lr times this",
                        lower_bound=0.0, upper_bound=1.0, flag_values=fv)
     flags.DEFINE_float("weight_decay", d.weight_decay, "AdamW decoupled weight decay (kernels and embeddings; "
@@ -349,7 +384,8 @@ def _define_flags() -> flags.FlagValues:
     flags.DEFINE_integer("keep", 3, "checkpoints kept: the newest this many plus the best by validation loss",
                          flag_values=fv)
     flags.DEFINE_integer("log_every", 10, "fetch metrics from the devices every this many steps (each step is "
-                         "still written); several processes also act on a signal or --ckpt_minutes only then",
+                         "still written); several processes act on a signal or --ckpt_minutes every few "
+                         "seconds, at most this many steps apart",
                          flag_values=fv)
     flags.DEFINE_boolean("quiet", False, "no progress bars or eval lines, only warnings, errors and a summary",
                          flag_values=fv)
@@ -487,13 +523,34 @@ def _all_ok(error: UserError | None, doing: str) -> None:
                         f"every process stops")
 
 
-def _agree(signum: int, overdue: bool) -> tuple[int, bool]:
-    """(a signal any process received or 0, whether any process is overdue for a save): the same everywhere."""
-    if jax.process_count() == 1:
-        return signum, overdue
-    votes = multihost_utils.process_allgather(np.asarray([signum, overdue], np.int32))
-    signals = [int(v) for v in votes[:, 0] if v]
-    return (signals[0] if signals else 0), bool(votes[:, 1].any())
+class _CheckIns:
+    """Where the processes of a run agree on signals and overdue saves, and when they next will.
+
+    Every process must take the same decision at the same step, so the steps between check-ins
+    come from an all-gather too: as many as the slowest process does in ``CHECK_IN_SECONDS``,
+    at least 1 and at most ``--log_every``. A signal is then acted on within a few seconds however
+    slow a step is. One process checks in at every step (nothing to agree on).
+    """
+
+    CHECK_IN_SECONDS = 5.0
+
+    def __init__(self, step: int):
+        self.next_step, self._step, self._time = step + 1, step, time.monotonic()
+
+    def __call__(self, step: int, signum: int, overdue: bool, log_every: int) -> tuple[int, bool]:
+        """(a signal any process received or 0, whether any process is overdue for a save)."""
+        now = time.monotonic()
+        step_ms = 1000 * (now - self._time) / max(step - self._step, 1)
+        self._step, self._time = step, now
+        if jax.process_count() == 1:
+            self.next_step = step + 1
+            return signum, overdue
+        votes = multihost_utils.process_allgather(np.asarray([signum, overdue, math.ceil(step_ms)], np.int32))
+        slowest_s = max(int(votes[:, 2].max()), 1) / 1000
+        every = max(1, min(log_every, int(self.CHECK_IN_SECONDS / slowest_s)))
+        self.next_step = (step // every + 1) * every  # multiples of --log_every while steps are fast
+        signals = [int(v) for v in votes[:, 0] if v]
+        return (signals[0] if signals else 0), bool(votes[:, 1].any())
 
 
 def main(argv: Sequence[str]) -> int:
@@ -604,13 +661,14 @@ def _open_run(fv, cfg, train_cfg, record, run_dir, argv) -> tuple[data.Corpus, i
     tokenizer_lib.check_vocab_matches(corpus.tokenizer, cfg)
     spe = data.steps_per_epoch(len(corpus.tokens["train"]), cfg.n_ctx, train_cfg.batch_size)
     num_steps = total_steps(train_cfg, spe)
-    if train_cfg.warmup_steps >= num_steps:
+    if train_cfg.warmup_steps is not None and train_cfg.warmup_steps >= num_steps:  # the default always fits
         raise UserError(f"--warmup_steps={train_cfg.warmup_steps} must be smaller than the {num_steps} training "
                         f"steps; lower it or raise --max_steps/--epochs")
     if not resuming:
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer_lib.save_tokenizer(corpus.tokenizer, run_dir / ckpt.TOKENIZER_FILE)
         ckpt.write_run_json(run_dir, {**record, "steps_per_epoch": spe, "total_steps": num_steps,
+                                      "warmup_steps": warmup_steps(train_cfg, num_steps),
                                       "tokenizer": tokenizer_lib.tokenizer_fingerprint(corpus.tokenizer),
                                       "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": list(argv)})
     return corpus, spe, num_steps
@@ -700,27 +758,33 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
     stop = _StopRequest()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     bar = None
+    planned_epochs = -(-num_steps // spe)  # what this run will do: --max_steps may end it early
+    check_in = _CheckIns(step)
     try:
         while step < num_steps:
             epoch = step // spe
             if bar is None:
                 in_epoch = min(spe, num_steps - epoch * spe)
-                bar = tqdm(total=in_epoch, initial=step - epoch * spe, desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
+                bar = tqdm(total=in_epoch, initial=step - epoch * spe, desc=f"epoch {epoch + 1}/{planned_epochs}",
                            unit="step", disable=fv.quiet or not primary, dynamic_ncols=True, file=sys.stderr)
                 clock[0] = time.perf_counter()
             position, batch = next(batches)  # the position after this batch: saved with the state it produces
             state_N, m = p_train(state_N, batch, rng)
             step += 1
             pending.append((step, m))
+            if len(pending) > 1:
+                # No more than this step and the one before it on the devices, so a signal is acted
+                # on after the step in flight, not after a queue of up to --log_every steps.
+                jax.block_until_ready(pending[-2][1])
             bar.update(1)
             epoch_end, last = step % spe == 0, step == num_steps
             do_eval = step % fv.eval_every == 0 or epoch_end or last
             # Signals and the save clock are per process; several processes act on them together at
-            # check-ins (every --log_every steps and at scheduled saves), one process at every step.
+            # check-ins (scheduled saves, and a few seconds apart: see _CheckIns), one process at every step.
             signum, overdue = 0, False
-            if not multi or do_eval or step % fv.ckpt_every == 0 or step % fv.log_every == 0:
+            if not multi or do_eval or step % fv.ckpt_every == 0 or step >= check_in.next_step:
                 due = fv.ckpt_minutes > 0 and time.monotonic() - last_save[0] >= 60 * fv.ckpt_minutes
-                signum, overdue = _agree(stop.signum, due)  # read once: a signal may arrive anywhere in this iteration
+                signum, overdue = check_in(step, stop.signum, due, fv.log_every)  # a signal may come anywhere
             do_save = do_eval or step % fv.ckpt_every == 0 or overdue or signum != 0
             if do_eval or do_save:
                 flush(keep_last=False)  # a checkpoint is only written after its losses are seen finite
@@ -771,5 +835,8 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
     return 0
 
 
+# Out of memory in training: a smaller batch, or activations recomputed instead of kept.
+OUT_OF_MEMORY = "lower --batch_size (or --eval_batch_size) or pass --remat"
+
 if __name__ == "__main__":
-    run(main)
+    run(main, out_of_memory=OUT_OF_MEMORY)
