@@ -23,7 +23,7 @@
 #                   `tar -xzf OUT_DIR/results.tar.gz -C experiments/` (gpu_run/ holds the summary, the
 #                   environment, each step's log and each run's run.json, metrics.jsonl, evals.jsonl)
 #   gpu_run.md      which steps finished, timed out, failed or were skipped, with their times
-#   gpu_run.log     every step's output (also printed)
+#   gpu_run.log     every step's output, all calls (also printed; each step's own in gpu_run/logs/)
 # Exit code: 0 when every step has finished, 3 when some have not (run it again), 2 for a missing
 # input or no GPU.
 # Environment, defaulting to the GPU's values (experiments/rehearse_gpu_run.sh sets them for the CPU):
@@ -69,7 +69,6 @@ fi
 RES=$WORK/results
 LOGS=$RES/gpu_run/logs
 mkdir -p "$LOGS"
-: > "$OUT/gpu_run.log"
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export GPT2_JAX_DATA_DIR=$DATA GPT2_JAX_CACHE=$WORK/cache
 # Each study process initialises jax before it starts training subprocesses: without this the first
@@ -84,6 +83,7 @@ STATE=$WORK/steps.txt # "call|step|status|seconds|limit|command", one a step, ke
 NOTES=$WORK/notes.txt # one a line, kept across calls
 touch "$STATE" "$NOTES"
 CALL=$(($(cut -d'|' -f1 "$STATE" | sort -n | tail -1) + 1))
+echo "=== gpu_run call $CALL, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), budget ${BUDGET} s" | tee -a "$OUT/gpu_run.log"
 
 summary() {
     local f=$RES/gpu_run/summary.md
@@ -148,10 +148,10 @@ step() {  # step NAME CAP_S COMMAND...: run it under timeout, log it, record how
         pack
         return 1
     fi
-    echo "=== gpu_run $name (limit ${limit} s): $*" | tee -a "$OUT/gpu_run.log"
+    echo "=== gpu_run call $CALL, $name (limit ${limit} s): $*" | tee -a "$OUT/gpu_run.log" "$LOGS/$name.log"
     local t0=$(date +%s)
     # -k: a training stopped by SIGTERM saves a checkpoint first (medium: ~4 GB)
-    timeout -k 20 "$limit" "$@" 2>&1 | tee -a "$OUT/gpu_run.log" > "$LOGS/$name.log"
+    timeout -k 20 "$limit" "$@" 2>&1 | tee -a "$OUT/gpu_run.log" "$LOGS/$name.log"
     local rc=${PIPESTATUS[0]}
     local took=$(($(date +%s) - t0)) status
     case $rc in
@@ -160,7 +160,7 @@ step() {  # step NAME CAP_S COMMAND...: run it under timeout, log it, record how
         3) status="stopped at its time limit" ;; # best_recipe: what did not fit is named in its summary
         *) status="failed (exit $rc)" ;;
     esac
-    echo "=== gpu_run $name: $status after ${took} s" | tee -a "$OUT/gpu_run.log"
+    echo "=== gpu_run call $CALL, $name: $status after ${took} s" | tee -a "$OUT/gpu_run.log" "$LOGS/$name.log"
     echo "$CALL|$name|$status|$took|$limit|$*" >> "$STATE"
     pack
     return "$rc"
@@ -206,7 +206,7 @@ fi
 
 step env 60 bash -c check_env
 cp "$LOGS/env.log" "$RES/gpu_run/env.txt"
-BACKEND=$(grep -m1 '^jax .* backend ' "$LOGS/env.log" | awk '{print $4}')
+BACKEND=$(grep '^jax .* backend ' "$LOGS/env.log" | tail -1 | awk '{print $4}')
 DEVICE=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2> /dev/null | head -1)
 DEVICE=${DEVICE:-"no GPU (jax backend ${BACKEND:-unknown})"}
 if [[ $BACKEND != gpu && $BACKEND != cuda ]]; then
