@@ -273,15 +273,20 @@ def read_hf_tensors(folder: str | os.PathLike) -> tuple[dict[str, Any], pathlib.
                     "(e.g. from `huggingface-cli download openai-community/gpt2 --local-dir gpt2`)")
 
 
+def read_config(folder: pathlib.Path) -> GPT2Config:
+    """Our config for the Hugging Face folder's ``config.json`` (no weights read)."""
+    if not (folder / CONFIG_FILE).is_file():
+        raise UserError(f"{folder} has no {CONFIG_FILE}; pass a Hugging Face GPT-2 checkpoint folder")
+    return config_from_hf(_read_json(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
+
+
 def load_hf(path: str | os.PathLike) -> tuple[GPT2Config, dict]:
     """``(cfg, params)`` of the Hugging Face GPT-2 checkpoint in folder ``path`` (float32 params)."""
     folder = pathlib.Path(path)
     if not folder.is_dir():
         raise UserError(f"Hugging Face folder {folder} does not exist; pass a folder with config.json and model.safetensors")
-    if not (folder / CONFIG_FILE).is_file():
-        raise UserError(f"{folder} has no {CONFIG_FILE}; pass a Hugging Face GPT-2 checkpoint folder")
+    cfg = read_config(folder)
     hf = _read_json(folder / CONFIG_FILE)
-    cfg = config_from_hf(hf, str(folder / CONFIG_FILE))
     state, source = read_hf_tensors(folder)
     params = params_from_hf(state, cfg, str(source))
     if not hf.get("tie_word_embeddings", True) and not any(k.endswith("lm_head.weight") for k in state):

@@ -62,6 +62,7 @@ from gpt2_jax import checkpoint as ckpt
 from gpt2_jax import data
 from gpt2_jax import evaluate as evaluate_lib
 from gpt2_jax import metrics as metrics_lib
+from gpt2_jax import pretrained
 from gpt2_jax import tokenizer as tokenizer_lib
 from gpt2_jax.cli import UserError, check, parse_flags, run
 from gpt2_jax.config import PRESETS, GPT2Config
@@ -341,6 +342,12 @@ def _define_flags() -> flags.FlagValues:
                         f"folder with wiki.{{train,valid,test}}.tokens (default ${data.DATA_DIR_ENV})", flag_values=fv)
     flags.DEFINE_string("cache_dir", None, f"prepared data, tokenizers and token streams "
                         f"(default ${data.CACHE_ENV} or ~/.cache/gpt2_jax)", flag_values=fv)
+    flags.DEFINE_string("init_from", None, "start from these weights instead of random ones: a Hugging Face "
+                        "GPT-2 folder or a gpt2_jax run directory. The model and tokenizer come from it; the "
+                        f"optimizer starts afresh; defaults become {FINETUNE_DEFAULTS}", flag_values=fv)
+    flags.DEFINE_string("init_step", None, "with --init_from=RUN_DIR: its checkpoint to start from (a step, "
+                        "'latest' or 'best'; default the newest)", flag_values=fv)
+    check(fv, "init_step", lambda v: v in ("latest", "best") or v.isdigit(), "must be a step number, 'latest' or 'best'")
     flags.DEFINE_integer("epochs", d.epochs, "passes over the training split", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("max_steps", None, "stop after this many steps (the LR schedule is fitted to the "
                          "shorter run)", lower_bound=1, flag_values=fv)
@@ -408,7 +415,12 @@ def _define_flags() -> flags.FlagValues:
     return fv
 
 
-def configs_from_flags(fv: flags.FlagValues) -> tuple[GPT2Config, TrainConfig]:
+# What a fine-tuning run (--init_from) changes of the from-scratch defaults; any flag given wins.
+FINETUNE_DEFAULTS = {"lr": 1e-4, "epochs": 1}
+
+
+def configs_from_flags(fv: flags.FlagValues) -> tuple[GPT2Config, TrainConfig, pretrained.Pretrained | None]:
+    """The model and training configs the flags describe, and the weights to start from (--init_from)."""
     preset = PRESETS[fv.size]
     d_model = preset.d_model if fv.d_model is None else fv.d_model
     n_head = preset.n_head if fv.n_head is None else fv.n_head
@@ -417,16 +429,28 @@ def configs_from_flags(fv: flags.FlagValues) -> tuple[GPT2Config, TrainConfig]:
                         f"evenly")
     overrides = {k: fv[k].value for k in ("vocab_size", "n_ctx", "n_layer", "d_model", "n_head", "d_ff")
                  if fv[k].value is not None}
+    training = {"dtype": fv.dtype, "remat": fv.remat}
     if fv.dropout is not None:
-        overrides.update(dropout=fv.dropout, attn_dropout=fv.dropout)
+        training.update(dropout=fv.dropout, attn_dropout=fv.dropout)
+    source, values = None, {k: fv[k].value for k in FINETUNE_DEFAULTS}
+    if fv.init_from is not None:
+        source = pretrained.open_source(fv.init_from, ckpt.parse_step(fv.init_step))
+        values.update({k: v for k, v in FINETUNE_DEFAULTS.items() if not fv[k].present})
+    elif fv.init_step is not None:
+        raise UserError("--init_step needs --init_from=RUN_DIR, the run whose checkpoint to start from")
     try:
-        cfg = GPT2Config.preset(fv.size, dtype=fv.dtype, remat=fv.remat, **overrides)
-        train_cfg = TrainConfig(batch_size=fv.batch_size, epochs=fv.epochs, max_steps=fv.max_steps, lr=fv.lr,
-                                warmup_steps=fv.warmup_steps, final_lr_fraction=fv.final_lr_fraction,
-                                weight_decay=fv.weight_decay, grad_clip=fv.grad_clip, b2=fv.b2, seed=fv.seed)
+        if source is None:
+            cfg = GPT2Config.preset(fv.size, **training, **overrides)
+        else:
+            n_ctx = overrides.pop("n_ctx", None)
+            cfg = pretrained.model_config(source, size=fv.size if fv["size"].present else None,
+                                          overrides=overrides, n_ctx=n_ctx, **training)
+        train_cfg = TrainConfig(batch_size=fv.batch_size, max_steps=fv.max_steps, warmup_steps=fv.warmup_steps,
+                                final_lr_fraction=fv.final_lr_fraction, weight_decay=fv.weight_decay,
+                                grad_clip=fv.grad_clip, b2=fv.b2, seed=fv.seed, **values)
     except ValueError as e:
         raise UserError(f"{e} (see --help)") from None
-    return cfg, train_cfg
+    return cfg, train_cfg, source
 
 
 class _StopRequest:
@@ -564,7 +588,7 @@ def main(argv: Sequence[str]) -> int:
             raise UserError(f"--{name} must be >= 1, got {fv[name].value}")
     if fv.ckpt_minutes < 0:
         raise UserError(f"--ckpt_minutes must be >= 0 (0 = off), got {fv.ckpt_minutes}")
-    cfg, train_cfg = configs_from_flags(fv)
+    cfg, train_cfg, source = configs_from_flags(fv)
     init_distributed(fv, os.environ)  # before anything else touches JAX
     primary = jax.process_index() == 0
     run_dir = pathlib.Path(fv.run_dir)
@@ -578,12 +602,18 @@ def main(argv: Sequence[str]) -> int:
     # files), then the others, which read its tokenizer.json, so every process encodes the data with
     # the same tokenizer.
     record = {"model": cfg.to_dict(), "train": train_cfg.to_dict()}
+    if source is not None:
+        defaults = [k for k in FINETUNE_DEFAULTS if not fv[k].present]
+        record["init_from"] = {**source.record(), "finetune_defaults": defaults}
+        if defaults:
+            say("fine-tuning defaults: " + ", ".join(f"--{k}={FINETUNE_DEFAULTS[k]:g}" for k in defaults)
+                + " (give the flag to override)")
     with contextlib.ExitStack() as held:
         opened, error = None, None
         try:
             if primary:
                 held.enter_context(ckpt.locked_run_dir(run_dir, warn=warn))
-                opened = _open_run(fv, cfg, train_cfg, record, run_dir, argv)
+                opened = _open_run(fv, cfg, train_cfg, record, run_dir, argv, source)
         except UserError as e:
             error = e
         except OSError as e:  # the run dir or the data cache cannot be written
@@ -592,14 +622,14 @@ def main(argv: Sequence[str]) -> int:
         _all_ok(error, f"preparing {run_dir} and the data")
         try:
             if not primary:
-                opened = _open_run(fv, cfg, train_cfg, record, run_dir, argv)
+                opened = _open_run(fv, cfg, train_cfg, record, run_dir, argv, source)
         except UserError as e:
             error = e
         _all_ok(error, f"reading {run_dir} and the data")
-        return _restore_and_train(fv, cfg, train_cfg, run_dir, *opened, say, warn)
+        return _restore_and_train(fv, cfg, train_cfg, run_dir, *opened, say, warn, source=source)
 
 
-def _restore_and_train(fv, cfg, train_cfg, run_dir, corpus, spe, num_steps, say, warn) -> int:
+def _restore_and_train(fv, cfg, train_cfg, run_dir, corpus, spe, num_steps, say, warn, *, source) -> int:
     eval_batch = fv.eval_batch_size or train_cfg.batch_size
     schedule = make_schedule(train_cfg, num_steps)
     optimizer = make_optimizer(train_cfg, num_steps)
@@ -616,7 +646,8 @@ def _restore_and_train(fv, cfg, train_cfg, run_dir, corpus, spe, num_steps, say,
                 raise UserError(f"the processes found different checkpoints in {run_dir} (steps "
                                 f"{sorted(set(found.tolist()))}); --run_dir must be one folder all processes see")
         if restored is None:
-            state, position, rng = jax.jit(init)(params_key), data.DataPosition(), dropout_key
+            state = jax.jit(init)(params_key) if source is None else _pretrained_state(source, cfg, optimizer, say)
+            position, rng = data.DataPosition(), dropout_key
             if jax.process_count() > 1:  # every process starts from process 0's bits, whatever its float rounding
                 state = state.replace(params=multihost_utils.broadcast_one_to_all(state.params))
         else:
@@ -628,7 +659,7 @@ def _restore_and_train(fv, cfg, train_cfg, run_dir, corpus, spe, num_steps, say,
             ckpt.prune(manager, fv.keep)  # what a kill stopped Orbax from removing
             say(f"resuming {run_dir} from step {restored.step} (epoch {restored.step / spe:.2f})")
         code = _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, state, position, rng,
-                      spe, num_steps, eval_batch, say)
+                      spe, num_steps, eval_batch, say, evaluate_first=source is not None)
     except OSError as e:  # metrics, evaluations or the plot could not be written: a full disk, say
         ckpt.close_manager(manager, report=False)
         raise ckpt.write_failed(run_dir / ckpt.CHECKPOINT_DIR, e, f"to {e.filename or run_dir}") from None
@@ -639,14 +670,24 @@ def _restore_and_train(fv, cfg, train_cfg, run_dir, corpus, spe, num_steps, say,
     return code
 
 
-def _open_run(fv, cfg, train_cfg, record, run_dir, argv) -> tuple[data.Corpus, int, int]:
+def _pretrained_state(source: pretrained.Pretrained, cfg: GPT2Config, optimizer, say) -> TrainState:
+    """Step 0 of a fine-tuning run: PATH's weights (at ``cfg``'s context) and a fresh optimizer."""
+    params, from_step = pretrained.load_params(source)
+    params = pretrained.fit_context(params, cfg.n_ctx)
+    where = f"{source.path} (step {from_step})" if source.kind == "run" else str(source.path)
+    shorter = f", its first {cfg.n_ctx} of {source.cfg.n_ctx} positions" if cfg.n_ctx < source.cfg.n_ctx else ""
+    say(f"fine-tuning {where} at context {cfg.n_ctx}{shorter}")
+    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def _open_run(fv, cfg, train_cfg, record, run_dir, argv, source) -> tuple[data.Corpus, int, int]:
     """Check (or, in process 0, create) the run directory; load the corpus. -> (corpus, steps per epoch, steps)."""
     primary = jax.process_index() == 0
     resuming = (run_dir / ckpt.RUN_FILE).exists()
     if not resuming and not primary:
         raise UserError(f"{run_dir / ckpt.RUN_FILE}, just written by process 0, is not visible to process "
                         f"{jax.process_index()}; --run_dir must be on a filesystem all processes share")
-    tok = None
+    tok = None if source is None else source.tokenizer  # fine-tuning: PATH's tokenizer encodes the data
     if resuming:
         saved = ckpt.read_run_json(run_dir)
         diffs = ckpt.config_differences({k: saved.get(k) for k in record}, record)
@@ -675,7 +716,7 @@ def _open_run(fv, cfg, train_cfg, record, run_dir, argv) -> tuple[data.Corpus, i
 
 
 def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, state, position, rng,
-           spe, num_steps, eval_batch, say) -> int:
+           spe, num_steps, eval_batch, say, *, evaluate_first: bool = False) -> int:
     primary, multi = jax.process_index() == 0, jax.process_count() > 1
     layout = {"num_devices": jax.local_device_count(), "process_index": jax.process_index(),
               "process_count": jax.process_count()}
@@ -718,6 +759,8 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, st
             f"word ppl {rec['word_ppl']:.2f}")
         return rec
 
+    if evaluate_first and step == 0 and not any(r["step"] == 0 for r in eval_records):
+        run_eval("validation")  # the starting point of a fine-tuning run: PATH's own validation loss
     pending: list[tuple[int, dict]] = []  # dispatched steps whose metrics are still on the devices
     clock = [time.perf_counter()]
 

@@ -51,7 +51,7 @@ MAX_SEED = 2**32 - 1  # jax.random.PRNGKey keeps 32 bits
 # wrong-type, missing and empty values are generated from its type.
 RANGES = {
     "train": {
-        "size": (), "run_dir": (), "data_dir": (), "cache_dir": (),
+        "size": (), "run_dir": (), "data_dir": (), "cache_dir": (), "init_from": (), "init_step": ("last", "-1"),
         "epochs": ("0", "-1"), "max_steps": ("0",), "batch_size": ("0", "-8"), "eval_batch_size": ("0",),
         "lr": ("0", "-0.001"), "warmup_steps": ("-1",), "final_lr_fraction": ("-0.1", "1.5"),
         "weight_decay": ("-0.1",), "grad_clip": ("-1",), "b2": ("1", "-0.5"), "seed": ("-1", str(MAX_SEED + 1)),
