@@ -197,5 +197,7 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
+OUT_OF_MEMORY = "lower --batch_size (train: or pass --remat; generate: or lower --new_tokens)"
+
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, out_of_memory=OUT_OF_MEMORY)

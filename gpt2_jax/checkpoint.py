@@ -47,7 +47,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from gpt2_jax import files
 from gpt2_jax import tokenizer as tokenizer_lib
-from gpt2_jax.cli import UserError
+from gpt2_jax.cli import UserError, folder_flag
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.model import init_params
 
@@ -558,9 +558,7 @@ def load_run(run_dir: str | os.PathLike, step: int | str | None = None, *, warn:
     ``step``: None or "latest" = the newest readable checkpoint (an unreadable newer one is reported
     by ``warn`` and skipped); "best" = the lowest validation loss; an int = exactly that step.
     """
-    run_dir = pathlib.Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist; pass the --run_dir of a training run")
+    run_dir = folder_flag(run_dir, "run_dir", "a run directory", "pass the --run_dir of a training run")
     cfg = run_config(run_dir)
     tok = tokenizer_lib.load_tokenizer(run_dir / TOKENIZER_FILE)
     tokenizer_lib.check_vocab_matches(tok, cfg)
@@ -608,6 +606,8 @@ def load_model(run_dir: str | os.PathLike | None = None, hf_dir: str | os.PathLi
     if hf_dir:
         from gpt2_jax import hf  # only for Hugging Face folders
 
+        folder_flag(hf_dir, "hf_dir", "a Hugging Face GPT-2 folder",
+                    "pass the folder holding config.json, model.safetensors and the tokenizer")
         cfg, params, tok = hf.load_hf_with_tokenizer(hf_dir)
         tokenizer_lib.check_vocab_matches(tok, cfg)
         return LoadedRun(cfg=cfg, params=params, tokenizer=tok, step=0, run_dir=pathlib.Path(hf_dir))
@@ -623,7 +623,7 @@ def save_params_as_run(run_dir: str | os.PathLike, cfg: GPT2Config, params, toke
 
     Refuses to touch an existing run directory, so nothing already saved is lost.
     """
-    run_dir = pathlib.Path(run_dir)
+    run_dir = folder_flag(run_dir, "run_dir", "a run directory", "choose a new --run_dir", may_be_new=True)
     if (run_dir / RUN_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
         raise UserError(f"{run_dir} already holds a run; choose a new --run_dir (nothing was overwritten)")
     tokenizer_lib.check_vocab_matches(tokenizer, cfg)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import pathlib
 import sys
 import threading
 import time
@@ -35,6 +36,21 @@ def check(flag_values: flags.FlagValues, name: str, ok: Callable[[Any], bool], r
     The error reads ``flag --name=VALUE: <requirement>``, e.g. ``requirement="must be in (0, 1]"``.
     """
     flags.register_validator(name, lambda v: v is None or ok(v), message=requirement, flag_values=flag_values)
+
+
+def folder_flag(path: str | os.PathLike, flag: str, what: str, fix: str, *, may_be_new: bool = False) -> pathlib.Path:
+    """``path``, given as ``--flag``, if it is a folder; else a one-line UserError saying what it is.
+
+    ``what`` names the folder expected ("a run directory"), ``fix`` ends the line. A path that
+    does not exist passes only with ``may_be_new`` (a folder the tool will create).
+    """
+    path = pathlib.Path(path)
+    if path.is_dir() or (may_be_new and not os.path.lexists(path)):
+        return path
+    if os.path.lexists(path):
+        kind = "a file" if path.is_file() else "a broken link" if not path.exists() else "a special file"
+        raise UserError(f"--{flag}={path} is {kind}, not {what}; {fix}")
+    raise UserError(f"--{flag}={path} does not exist; {fix}")
 
 
 def _one_line(text: str) -> str:
@@ -86,13 +102,25 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str], description:
     return flag_values
 
 
-def run(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
-    """Run a CLI ``main(argv)``; ``UserError`` becomes ``error: ...`` on stderr and exit code 2."""
+def run(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None, *,
+        out_of_memory: str = "free memory or use a machine with more") -> None:
+    """Run a CLI ``main(argv)``; ``UserError`` becomes ``error: ...`` on stderr and exit code 2.
+
+    Running out of device or host memory is a user's setting too big, not a bug: one line naming
+    the allocation and ``out_of_memory``, the tool's advice (e.g. "lower --batch_size"), exit 2.
+    """
     argv = sys.argv if argv is None else argv
     try:
         code = main(argv)
     except UserError as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        _exit(2)
+    except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled; the rest re-raised
+        from gpt2_jax import memory  # imports JAX: only once something failed
+
+        if not memory.is_out_of_memory(e):
+            raise
+        print(f"error: {_one_line(memory.report(e, out_of_memory))}", file=sys.stderr)
         _exit(2)
     sys.exit(code or 0)
 

@@ -19,7 +19,7 @@ from typing import Sequence
 from absl import flags
 
 from gpt2_jax import hf
-from gpt2_jax.cli import UserError, parse_flags, run
+from gpt2_jax.cli import UserError, folder_flag, parse_flags, run
 from gpt2_jax.config import param_count
 
 
@@ -48,6 +48,10 @@ def main(argv: Sequence[str]) -> int:
             raise UserError("--step only applies to --to_hf; an imported model is saved as step 0")
         from gpt2_jax.checkpoint import save_params_as_run
 
+        # Both folders checked before gigabytes of weights are read.
+        folder_flag(fv.from_hf, "from_hf", "a Hugging Face GPT-2 folder",
+                    "pass the folder holding config.json, model.safetensors and the tokenizer")
+        folder_flag(fv.run_dir, "run_dir", "a run directory", "choose a new --run_dir", may_be_new=True)
         cfg, params, tokenizer = hf.load_hf_with_tokenizer(fv.from_hf)
         source = f"hf:{pathlib.Path(fv.from_hf).resolve()}"
         save_params_as_run(fv.run_dir, cfg, params, tokenizer, step=0, source=source)
@@ -58,6 +62,7 @@ def main(argv: Sequence[str]) -> int:
 
     from gpt2_jax.checkpoint import load_run, parse_step
 
+    folder_flag(fv.to_hf, "to_hf", "a folder", "choose a new folder to export into", may_be_new=True)
     loaded = load_run(fv.run_dir, parse_step(fv.step))
     folder = hf.save_hf(loaded.cfg, loaded.params, fv.to_hf, loaded.tokenizer)
     print(f"exported {loaded.run_dir} step {loaded.step} ({param_count(loaded.cfg):,} parameters) to {folder}")

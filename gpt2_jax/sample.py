@@ -5,7 +5,7 @@
 
 Everything numerical is a pure, jit-able function of arrays; ``generate`` runs the whole
 prefill + scan as ONE compiled function. Static (a new value compiles again): the config, the
-method, ``max_new_tokens``, the batch size and the prompt's *bucket* (its length rounded up to a
+method, ``max_new_tokens``, the rows per call and the prompt's *bucket* (its length rounded up to a
 power of two, at least 16, at most ``n_ctx``), so a new prompt length in the same bucket reuses the
 compiled function. Dynamic (change freely): parameters, prompt tokens and lengths, rng,
 temperature, top_k, top_p, eos_id.
@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from gpt2_jax import memory
 from gpt2_jax.cli import UserError, check, parse_flags, run
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.model import GPT2, KVCache, init_cache
@@ -112,12 +113,24 @@ def sample_greedy(logits_BV: jax.Array) -> jax.Array:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
 
 
+def _is_per_row(rng: jax.Array) -> bool:
+    """Whether ``rng`` is one key per row rather than one key (raw uint32 keys or typed ones)."""
+    return rng.ndim == (1 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 2)
+
+
+def row_keys(rng: jax.Array, rows_B: jax.Array) -> jax.Array:
+    """One key per row, from the row's index alone: the same row gets the same key in any batch."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, rows_B)
+
+
 def sample_logits(logits_BV: jax.Array, rng: jax.Array, *, method: str, temperature=1.0, top_k=50,
                   top_p=0.9) -> jax.Array:
     """One token per row by ``method`` (see ``METHODS``); temperature 0 means greedy.
 
     Only the settings the method uses are read (``top_k`` for top_k/top_k_nucleus, ``top_p`` for
-    nucleus/top_k_nucleus). Rows draw independent noise from the one ``rng``.
+    nucleus/top_k_nucleus). ``rng`` is one key, from which the rows draw independent noise (each
+    row's noise then depends on the batch's shape), or one key per row (``row_keys``): a row's
+    token then depends on its own logits and key only, whichever rows share the call.
     """
     assert method in METHODS, method
     if method == "greedy":
@@ -129,7 +142,11 @@ def sample_logits(logits_BV: jax.Array, rng: jax.Array, *, method: str, temperat
         top_k=top_k if method in ("top_k", "top_k_nucleus") else None,
         top_p=top_p if method in ("nucleus", "top_k_nucleus") else None,
     )
-    sampled_B = jax.random.categorical(rng, filtered_BV, axis=-1).astype(jnp.int32)
+    if _is_per_row(rng):
+        sampled_B = jax.vmap(lambda key, z_V: jax.random.categorical(key, z_V))(rng, filtered_BV)
+    else:
+        sampled_B = jax.random.categorical(rng, filtered_BV, axis=-1)
+    sampled_B = sampled_B.astype(jnp.int32)
     return jnp.where(temperature > 0, sampled_B, sample_greedy(logits_BV))
 
 
@@ -192,16 +209,22 @@ class DecodeState(NamedTuple):
     history_BS: jax.Array  # each row's tokens from its first window's start on (right-padded)
     length_B: jax.Array  # tokens held in history_BS
     done_B: jax.Array  # the row has emitted eos_id; it now emits eos_id forever
-    rng: jax.Array
+    rng_B: jax.Array  # each row's own key: its tokens do not depend on the other rows of the batch
 
 
 def start_decoding(params, cfg: GPT2Config, window_BW: jax.Array, lengths_B: jax.Array, rng: jax.Array, *,
-                   capacity: int) -> DecodeState:
-    """Prefill the (right-padded, <= n_ctx) prompt windows; room for ``capacity`` new tokens."""
+                   capacity: int, rows_B: jax.Array | None = None) -> DecodeState:
+    """Prefill the (right-padded, <= n_ctx) prompt windows; room for ``capacity`` new tokens.
+
+    Row b samples with ``fold_in(rng, rows_B[b])``; ``rows_B`` (default 0..B-1) is each row's index
+    in the whole batch when a large batch is decoded a slice at a time.
+    """
     B, W = window_BW.shape
+    rows_B = jnp.arange(B) if rows_B is None else rows_B
     logits_BV, cache = prefill(params, cfg, init_cache(cfg, B), window_BW, lengths_B)
     history_BS = jnp.zeros((B, W + capacity), jnp.int32).at[:, :W].set(window_BW)
-    return DecodeState(cache, logits_BV, lengths_B, history_BS, lengths_B, jnp.zeros((B,), bool), rng)
+    return DecodeState(cache, logits_BV, lengths_B, history_BS, lengths_B, jnp.zeros((B,), bool),
+                       row_keys(rng, rows_B))
 
 
 def advance_decoding(params, cfg: GPT2Config, state: DecodeState, sampling: Sampling, *, method: str,
@@ -225,8 +248,9 @@ def advance_decoding(params, cfg: GPT2Config, state: DecodeState, sampling: Samp
                 jnp.where(full_B, slide_keep, position_B))
 
     def step(state: DecodeState) -> tuple[DecodeState, jax.Array]:
-        rng, key = jax.random.split(state.rng)
-        token_B = sample_logits(state.logits_BV, key, method=method, temperature=sampling.temperature,
+        keys_B2 = jax.vmap(jax.random.split)(state.rng_B)
+        rng_B, key_B = keys_B2[:, 0], keys_B2[:, 1]
+        token_B = sample_logits(state.logits_BV, key_B, method=method, temperature=sampling.temperature,
                                 top_k=sampling.top_k, top_p=sampling.top_p)
         token_B = jnp.where(state.done_B, sampling.eos_id, token_B)
         done_B = state.done_B | (token_B == sampling.eos_id)
@@ -239,7 +263,7 @@ def advance_decoding(params, cfg: GPT2Config, state: DecodeState, sampling: Samp
         logits_BV, cache, position_B = jax.lax.cond(
             jnp.any(full_B), slide, lambda args: args[:3],
             (logits_BV, cache, position_B, history_BS, length_B, full_B))
-        return DecodeState(cache, logits_BV, position_B, history_BS, length_B, done_B, rng), token_B
+        return DecodeState(cache, logits_BV, position_B, history_BS, length_B, done_B, rng_B), token_B
 
     def finished(state: DecodeState) -> tuple[DecodeState, jax.Array]:
         return state, jnp.full((B,), sampling.eos_id, jnp.int32)
@@ -253,9 +277,9 @@ def advance_decoding(params, cfg: GPT2Config, state: DecodeState, sampling: Samp
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "slide_keep"))
-def _generate_jit(params, window_BW, lengths_B, rng, sampling, *, cfg, method, max_new_tokens, slide_keep):
+def _generate_jit(params, window_BW, lengths_B, rng, rows_B, sampling, *, cfg, method, max_new_tokens, slide_keep):
     """Prefill + the whole decode loop: ONE compiled function per (cfg, method, N, bucket, B)."""
-    state = start_decoding(params, cfg, window_BW, lengths_B, rng, capacity=max_new_tokens)
+    state = start_decoding(params, cfg, window_BW, lengths_B, rng, capacity=max_new_tokens, rows_B=rows_B)
     _, new_BN = advance_decoding(params, cfg, state, sampling, method=method, num_steps=max_new_tokens,
                                  slide_keep=slide_keep)
     return new_BN
@@ -328,12 +352,16 @@ def _rng_or_default(rng) -> jax.Array:
 
 def generate(params, cfg: GPT2Config, prompt_BP, *, max_new_tokens: int, method: str = "greedy",
              top_k: int = 50, top_p: float = 0.9, temperature: float = 1.0, rng: jax.Array | None = None,
-             prompt_lengths_B=None, eos_id: int | None = None, slide_keep: int | None = None) -> jax.Array:
+             prompt_lengths_B=None, eos_id: int | None = None, slide_keep: int | None = None,
+             rows_per_call: int | None = None) -> jax.Array:
     """Continue each prompt row by ``max_new_tokens`` tokens; returns int32 ``out_BS``, S = P + N.
 
     Row b is its ``prompt_lengths_B[b]`` prompt tokens (default: all P), then its N new tokens,
     then padding (``eos_id``, or 0 without it) up to S. With ``eos_id``, a row that emits it keeps
     emitting it. ``rng`` defaults to ``PRNGKey(0)``; ``slide_keep`` to ``n_ctx // 2`` (module doc).
+    Row b samples with its own key ``fold_in(rng, b)``, so its tokens do not depend on the other
+    rows: a batch is decoded ``rows_per_call`` rows at a time (default: as many as fit in free
+    memory, ``memory.rows_that_fit``) with the same result as in one call.
     Call it outside ``jit`` (it checks and buckets the prompt on the host); its compiled core is
     ``start_decoding`` + ``advance_decoding``, which jit-traced code can call directly.
     """
@@ -341,11 +369,26 @@ def generate(params, cfg: GPT2Config, prompt_BP, *, max_new_tokens: int, method:
     slide_keep = cfg.n_ctx // 2 if slide_keep is None else slide_keep
     check_sampling_args(cfg, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, eos_id=eos_id, slide_keep=slide_keep)
-    new_BN = _generate_jit(
-        params, jnp.asarray(window_BW), jnp.asarray(window_lengths_B), _rng_or_default(rng),
-        sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id),
-        cfg=cfg, method=method, max_new_tokens=max_new_tokens, slide_keep=slide_keep)
-    return jnp.asarray(join_continuations(np.asarray(prompt_BP), lengths_B, np.asarray(new_BN),
+    if rows_per_call is not None and rows_per_call < 1:
+        raise UserError(f"rows_per_call must be >= 1, got {rows_per_call}")
+    B, W = window_BW.shape
+    rng = _rng_or_default(rng)
+    sampling = sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
+    static = dict(cfg=cfg, method=method, max_new_tokens=max_new_tokens, slide_keep=slide_keep)
+    if rows_per_call is None:
+        int_shape = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+        rows_per_call = memory.rows_that_fit(
+            lambda n: _generate_jit.lower(params, int_shape(n, W), int_shape(n), rng, int_shape(n), sampling,
+                                          **static).compile(), B, jax.local_devices()[:1])
+    rows_per_call = min(rows_per_call, B)
+    calls = []
+    for start in range(0, B, rows_per_call):
+        rows_R = np.arange(start, start + rows_per_call, dtype=np.int32)
+        take_R = np.minimum(rows_R, B - 1)  # the last call is padded with copies of the last row
+        calls.append(_generate_jit(params, jnp.asarray(window_BW[take_R]), jnp.asarray(window_lengths_B[take_R]),
+                                   rng, jnp.asarray(rows_R), sampling, **static))
+    new_BN = np.concatenate([np.asarray(new_RN) for new_RN in calls])[:B]
+    return jnp.asarray(join_continuations(np.asarray(prompt_BP), lengths_B, new_BN,
                                           pad_id=0 if eos_id is None else eos_id))
 
 
@@ -408,6 +451,7 @@ def time_generate(params, cfg: GPT2Config, *, batch_size: int, prompt_length: in
     check_sampling_args(cfg, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, slide_keep=slide_keep)
     args = (params, jnp.asarray(window_BW), jnp.asarray(window_lengths_B), jax.random.PRNGKey(seed),
+            jnp.arange(batch_size, dtype=jnp.int32),
             sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p))
     static = dict(cfg=cfg, method=method, max_new_tokens=max_new_tokens, slide_keep=slide_keep)
     t0 = time.perf_counter()
@@ -435,6 +479,8 @@ DESCRIPTION = """Sample text from a trained run: greedy, top-k, nucleus (or all 
 CLI_METHODS = ("greedy", "top_k", "nucleus", "top_k_nucleus", "all")
 ALL_METHODS = ("greedy", "top_k", "nucleus")  # what --method=all compares, as the report does
 STREAM_CHUNK = 8  # tokens per streamed print: one host round trip per chunk, invisible next to decoding
+# Rows are decoded as many at a time as fit; what is left to lower is the length of one row (or the rows' output).
+OUT_OF_MEMORY = "lower --max_new_tokens or --num_samples"
 
 
 def define_flags() -> flags.FlagValues:
@@ -624,4 +670,4 @@ def main(argv: Sequence[str], *, define: Callable[[], flags.FlagValues] = define
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, out_of_memory=OUT_OF_MEMORY)

@@ -88,6 +88,20 @@ def test_load_run_rejects_missing_dir_unknown_step_and_vocab_mismatch_with_one_l
     assert "\n" not in str(e.value)
 
 
+def test_a_run_dir_or_hf_dir_that_is_a_file_is_called_a_file_and_left_alone(tmp_path, cfg, tok):
+    f = tmp_path / "notes.txt"
+    f.write_text("not a run\n")
+    with pytest.raises(UserError, match=rf"^--run_dir={f} is a file, not a run directory; pass the --run_dir of a "):
+        ckpt.load_run(f)
+    with pytest.raises(UserError, match=rf"^--hf_dir={f} is a file, not a Hugging Face GPT-2 folder; pass the folder"):
+        ckpt.load_model(hf_dir=f)
+    with pytest.raises(UserError, match=rf"^--run_dir={f} is a file, not a run directory; choose a new --run_dir$"):
+        ckpt.save_params_as_run(f, cfg, init_params(cfg, jax.random.key(0)), tok)
+    with pytest.raises(UserError, match=rf"^--hf_dir={tmp_path / 'nope'} does not exist; pass the folder holding"):
+        ckpt.load_model(hf_dir=tmp_path / "nope")
+    assert f.read_text() == "not a run\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_save_params_as_run_never_overwrites_an_existing_run(tmp_path, cfg, tok):
     params = init_params(cfg, jax.random.key(0))
     ckpt.save_params_as_run(tmp_path, cfg, params, tok)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import data, evaluate, forward, init_params
+from gpt2_jax import cli, data, evaluate, forward, init_params, memory, train
 from gpt2_jax import tokenizer as tokenizer_lib
 from gpt2_jax.checkpoint import save_params_as_run
 
@@ -65,6 +65,56 @@ def test_result_does_not_depend_on_batch_size(micro_cfg):
     assert a.nll_sum == pytest.approx(b.nll_sum, rel=1e-6) and a.tokens == b.tokens == 69
 
 
+def _spy_batches(monkeypatch):
+    """Record the (devices, rows, seq_len) shape of every batch ``score_tokens`` scores."""
+    shapes, real = [], train.evaluate
+
+    def spy(p_eval_step, params_N, batches):
+        batches = list(batches)
+        shapes.extend(b["inputs"].shape for b in batches)
+        return real(p_eval_step, params_N, batches)
+
+    monkeypatch.setattr(train, "evaluate", spy)
+    return shapes
+
+
+def test_a_batch_larger_than_the_split_is_one_batch_of_all_its_windows(micro_cfg, stream, monkeypatch):
+    """45 tokens = 6 windows of 8: a batch of 1000 would be 994 rows of padding, so it is 6 windows."""
+    params = init_params(micro_cfg, jax.random.PRNGKey(0))
+    shapes = _spy_batches(monkeypatch)
+    big = evaluate.evaluate_split(params, micro_cfg, _corpus(stream), "test", seq_len=8, batch_size=1000)
+    assert shapes == [(1, 6, 8)]
+    exact = evaluate.evaluate_split(params, micro_cfg, _corpus(stream), "test", seq_len=8, batch_size=6)
+    assert big == exact  # the same batch: bit for bit
+
+
+def _bytes_for_rows(params, cfg, rows, seq_len):
+    """What one evaluation batch of ``rows`` windows needs (the compiled step's own statement)."""
+    devices = tuple(jax.local_devices())
+    shape = (len(devices), rows // len(devices), seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype) for k, dtype in
+             (("inputs", np.int32), ("targets", np.int32), ("mask", np.float32))}
+    p_step = evaluate._pmapped_eval_step(cfg, devices)
+    return memory.bytes_needed(p_step.lower(train.replicate(params, devices), batch).compile())
+
+
+def test_a_batch_too_large_for_free_memory_is_split_with_a_warning_and_the_same_result(micro_cfg, stream,
+                                                                                        monkeypatch):
+    params = init_params(micro_cfg, jax.random.PRNGKey(0))
+    whole = evaluate.evaluate_split(params, micro_cfg, _corpus(stream), "test", seq_len=8, batch_size=6)
+    two = evaluate.evaluate_split(params, micro_cfg, _corpus(stream), "test", seq_len=8, batch_size=2)
+    monkeypatch.setattr(memory, "free_bytes", lambda devices: _bytes_for_rows(params, micro_cfg, 2, 8))
+    shapes, warnings = _spy_batches(monkeypatch), []
+    split = evaluate.evaluate_split(params, micro_cfg, _corpus(stream), "test", seq_len=8, batch_size=64,
+                                    warn=warnings.append)
+    assert warnings == ["a batch of 6 windows does not fit in free memory (--batch_size=64); scoring 2 windows per "
+                        "batch instead"]
+    assert shapes == [(1, 2, 8)] * 3
+    # Exactly what batches of 2 give; against one batch of 6, only the float32 sums' order differs.
+    assert split == two
+    assert split.nll_sum == pytest.approx(whole.nll_sum, rel=1e-6) and split.tokens == whole.tokens == 44
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, wikitext_dir):
     """A micro model with a 400-entry BPE trained on a slice of the train split, saved as a run dir."""
@@ -114,3 +164,33 @@ def test_cli_user_errors_exit_2_with_one_line(tiny_run, args, needle):
     assert proc.returncode == 2
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_out_of_memory_is_one_line_saying_lower_batch_size_and_leaves_saved_results(tiny_run, wikitext_dir,
+                                                                                         monkeypatch, capsys):
+    root = tiny_run[0]
+    saved = root / "run" / "eval_test_0.json"
+    saved.write_text('{"an earlier": "evaluation"}\n')
+    oom = "RESOURCE_EXHAUSTED: Out of memory allocating 91955200080 bytes."
+
+    def exhausted(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError(oom)
+
+    monkeypatch.setattr(train, "evaluate", exhausted)
+    monkeypatch.setenv("GPT2_JAX_CACHE", str(root / "cache"))
+    with pytest.raises(SystemExit) as e:
+        cli.run(evaluate.main, ["evaluate", f"--run_dir={root / 'run'}", "--split=test", f"--data_dir={wikitext_dir}",
+                                "--batch_size=200000", "--quiet"], out_of_memory=evaluate.OUT_OF_MEMORY)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: out of memory ({oom}); lower --batch_size or --seq_len\n"
+    assert saved.read_text() == '{"an earlier": "evaluation"}\n'
+
+
+def test_cli_run_dir_or_hf_dir_that_is_a_file_is_named_a_file(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("not a run\n")
+    for flag, what in (("run_dir", "a run directory"), ("hf_dir", "a Hugging Face GPT-2 folder")):
+        with pytest.raises(SystemExit) as e:
+            cli.run(evaluate.main, ["evaluate", f"--{flag}={f}"])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.startswith(f"error: --{flag}={f} is a file, not {what}; pass ")

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gpt2_jax import memory
+from gpt2_jax import sample as sample_lib
 from gpt2_jax.cli import UserError
 from gpt2_jax.model import forward, init_cache, init_params
 from gpt2_jax.sample import (
@@ -24,6 +26,7 @@ from gpt2_jax.sample import (
     sample_logits,
     sample_nucleus,
     sample_top_k,
+    sampling_settings,
     stream_generate,
 )
 
@@ -362,6 +365,71 @@ def test_samplers_are_jit_compatible_with_traced_settings():
     assert jitted._cache_size() == 1
 
 
+# ─── batches larger than memory ──────────────────────────────────────────────────────────────────
+
+def _mixed_batch(cfg):
+    """7 rows with prompts of 1 to 22 tokens (some beyond the 16-token context): rows slide at different steps."""
+    lengths = [1, 5, 22, 9, 16, 3, 12]
+    prompt_BP = np.zeros((len(lengths), max(lengths)), np.int32)
+    for b, n in enumerate(lengths):
+        prompt_BP[b, :n] = _tokens(cfg, n, seed=50 + b)
+    return prompt_BP, lengths
+
+
+@pytest.mark.parametrize("method", ["greedy", "top_k", "nucleus", "top_k_nucleus"])
+def test_rows_decoded_a_slice_at_a_time_equal_the_whole_batch_bit_for_bit(cfg, params, method):
+    """Each row samples with its own key (from rng and its row index): which rows share a call does not matter."""
+    prompt_BP, lengths = _mixed_batch(cfg)
+    kwargs = dict(max_new_tokens=30, method=method, top_k=20, top_p=0.9, rng=jax.random.PRNGKey(8),
+                  prompt_lengths_B=lengths, eos_id=5)
+    whole = np.asarray(generate(params, cfg, prompt_BP, rows_per_call=7, **kwargs))
+    for rows in (1, 3, 4):
+        np.testing.assert_array_equal(np.asarray(generate(params, cfg, prompt_BP, rows_per_call=rows, **kwargs)), whole)
+    if method != "greedy":
+        assert len({tuple(r) for r in whole[:, 22:].tolist()}) == 7  # the rows did sample, differently
+
+
+class _CallSpy:
+    """``_generate_jit`` that records the rows of each call."""
+
+    def __init__(self, jitted):
+        self.jitted, self.rows = jitted, []
+
+    def __call__(self, *args, **kwargs):
+        self.rows.append(args[1].shape[0])
+        return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self.jitted.lower(*args, **kwargs)
+
+
+def _bytes_for_rows(params, cfg, rows, *, max_new_tokens, method):
+    """What one call of ``rows`` rows with prompts as long as the context needs."""
+    shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+    compiled = _generate_jit.lower(params, shape(rows, cfg.n_ctx), shape(rows), jax.random.PRNGKey(0), shape(rows),
+                                   sampling_settings(), cfg=cfg, method=method, max_new_tokens=max_new_tokens,
+                                   slide_keep=cfg.n_ctx // 2).compile()
+    return memory.bytes_needed(compiled)
+
+
+def test_a_batch_larger_than_free_memory_is_split_into_calls_giving_the_same_tokens(cfg, params, monkeypatch):
+    prompt_BP, lengths = _mixed_batch(cfg)
+    kwargs = dict(max_new_tokens=30, method="nucleus", rng=jax.random.PRNGKey(9), prompt_lengths_B=lengths)
+    whole = np.asarray(generate(params, cfg, prompt_BP, rows_per_call=7, **kwargs))
+    monkeypatch.setattr(memory, "free_bytes", lambda devices: _bytes_for_rows(params, cfg, 3, max_new_tokens=30,
+                                                                                method="nucleus"))
+    spy = _CallSpy(_generate_jit)
+    monkeypatch.setattr(sample_lib, "_generate_jit", spy)
+    np.testing.assert_array_equal(np.asarray(generate(params, cfg, prompt_BP, **kwargs)), whole)
+    assert spy.rows == [3, 3, 3]  # 7 rows, 3 fit: three calls, the last padded
+
+
+def test_a_row_that_alone_needs_more_than_free_memory_is_an_out_of_memory_error(cfg, params, monkeypatch):
+    monkeypatch.setattr(memory, "free_bytes", lambda devices: 1000)
+    with pytest.raises(memory.OutOfMemory, match=r"^1 row needs [0-9.]+ [KM]iB, more than the 1000 bytes that can"):
+        generate(params, cfg, np.ones((4, 3), np.int32), max_new_tokens=10, method="top_k")
+
+
 # ─── bad input ───────────────────────────────────────────────────────────────────────────────────
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -379,6 +447,7 @@ def test_samplers_are_jit_compatible_with_traced_settings():
     (dict(method="top_k", temperature=-0.5), "temperature must be >= 0"),
     (dict(eos_id=97), "eos_id must be a token id"),
     (dict(slide_keep=17), "slide_keep must be between 1 and n_ctx=16"),
+    (dict(rows_per_call=0), "rows_per_call must be >= 1"),
 ])
 def test_bad_arguments_raise_one_line_user_errors(cfg, params, kwargs, message):
     args = dict(prompt_BP=np.array([[1, 2], [3, 4]], np.int32), max_new_tokens=4)

@@ -6,6 +6,7 @@ The run directories hold a micro model (random weights) and a 300-token BPE trai
 import itertools
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import checkpoint
+from gpt2_jax import checkpoint, memory
+from gpt2_jax import sample as sample_lib
 from gpt2_jax.cli import run
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.model import init_params
@@ -143,6 +145,53 @@ def test_stop_at_eos_trims_the_continuation_at_end_of_text(eos_run_dir):
     assert batched.count(f"\n{PROMPT}\n") == 2
 
 
+def test_many_samples_beyond_free_memory_print_exactly_the_text_of_one_call(run_dir, monkeypatch):
+    flags = [f"--run_dir={run_dir}", "--method=nucleus", f"--prompt={PROMPT}", "--prompt=In 1990", "--num_samples=3",
+             "--max_new_tokens=12", "--seed=4"]
+    whole = _main(*flags).text
+    loaded, real = checkpoint.load_run(run_dir), sample_lib._generate_jit
+    shape = lambda *s: jax.ShapeDtypeStruct(s, np.int32)
+    two_rows = memory.bytes_needed(real.lower(
+        loaded.params, shape(2, 16), shape(2), jax.random.PRNGKey(0), shape(2), sample_lib.sampling_settings(),
+        cfg=loaded.cfg, method="nucleus", max_new_tokens=12, slide_keep=loaded.cfg.n_ctx // 2).compile())
+    monkeypatch.setattr(memory, "free_bytes", lambda devices: two_rows)
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return real(*args, **kwargs)
+
+    spy.lower = real.lower
+    monkeypatch.setattr(sample_lib, "_generate_jit", spy)
+    assert _main(*flags).text == whole
+    assert calls == [2, 2, 2]  # 2 prompts x 3 samples, 2 rows per call
+
+
+OOM = "RESOURCE_EXHAUSTED: Out of memory allocating 38231101808 bytes."
+
+
+def test_out_of_memory_is_one_line_naming_the_flags_to_lower(run_dir, monkeypatch, capsys):
+    argv = ["sample", f"--run_dir={run_dir}", f"--prompt={PROMPT}", "--num_samples=2"]
+
+    def exhausted(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError(OOM)
+
+    monkeypatch.setattr(sample_lib, "generate", exhausted)
+    with pytest.raises(SystemExit) as e:
+        run(main, argv, out_of_memory=sample_lib.OUT_OF_MEMORY)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: out of memory ({OOM}); lower --max_new_tokens or --num_samples\n"
+    # Rows are split to fit, so what can still fail is one row too long for the memory there is.
+    monkeypatch.undo()
+    monkeypatch.setattr(memory, "free_bytes", lambda devices: 1000)
+    with pytest.raises(SystemExit) as e:
+        run(main, argv, out_of_memory=sample_lib.OUT_OF_MEMORY)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert re.fullmatch(r"error: out of memory \(1 row needs [0-9.]+ [KM]iB, more than the 1000 bytes that can be "
+                        r"used\); lower --max_new_tokens or --num_samples\n", err), err
+
+
 @pytest.fixture(scope="module")
 def mismatched_run_dir(tmp_path_factory, run_dir, wikitext_dir):
     bad = tmp_path_factory.mktemp("runs") / "mismatch"
@@ -155,6 +204,8 @@ def mismatched_run_dir(tmp_path_factory, run_dir, wikitext_dir):
 @pytest.mark.parametrize("flags,message", [
     ([f"--prompt={PROMPT}"], "--run_dir is required"),
     (["--run_dir={missing}", f"--prompt={PROMPT}"], "does not exist"),
+    (["--run_dir={file}", f"--prompt={PROMPT}"], "--run_dir={file} is a file, not a run directory; pass the --run_dir"),
+    (["--hf_dir={file}", f"--prompt={PROMPT}"], "--hf_dir={file} is a file, not a Hugging Face GPT-2 folder"),
     (["--run_dir={run}", f"--prompt={PROMPT}", "--step=7"], "no checkpoint at step 7"),
     (["--run_dir={run}", f"--prompt={PROMPT}", "--step=last"], "--step must be a step number"),
     (["--run_dir={run}", f"--prompt={PROMPT}", "--step=best"], "no checkpoint with a validation loss"),
@@ -172,13 +223,14 @@ def mismatched_run_dir(tmp_path_factory, run_dir, wikitext_dir):
     (["--run_dir={run}", f"--prompt={PROMPT}", "--slide_keep=33"], "--slide_keep must be between 1 and n_ctx=32"),
 ])
 def test_bad_input_is_one_error_line_and_exit_code_2(flags, message, run_dir, mismatched_run_dir, tmp_path, capsys):
-    names = {"run": run_dir, "missing": tmp_path / "nope", "mismatch": mismatched_run_dir}
+    names = {"run": run_dir, "missing": tmp_path / "nope", "mismatch": mismatched_run_dir, "file": tmp_path / "a_file"}
+    names["file"].write_text("not a run\n")
     argv = ["sample"] + [f.format(**names) for f in flags]
     with pytest.raises(SystemExit) as e:
         run(main, argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message.format(**names) in err, err
 
 
 def test_python_dash_m_runs_end_to_end_and_exits_2_on_a_missing_run(run_dir, tmp_path):
