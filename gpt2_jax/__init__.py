@@ -5,6 +5,7 @@ from gpt2_jax.model import (
     GPT2,
     KVCache,
     LayerCache,
+    chunked_token_nll,
     count_params,
     cross_entropy_loss,
     forward,
@@ -16,6 +17,6 @@ from gpt2_jax.model import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT2", "GPT2Config", "PRESETS", "KVCache", "LayerCache", "count_params", "cross_entropy_loss",
+    "GPT2", "GPT2Config", "PRESETS", "KVCache", "LayerCache", "chunked_token_nll", "count_params", "cross_entropy_loss",
     "forward", "init_cache", "init_params", "param_count", "token_nll",
 ]

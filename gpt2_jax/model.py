@@ -192,6 +192,7 @@ class GPT2(nn.Module):
         *,
         positions_BT: jax.Array | None = None,
         cache: KVCache | None = None,
+        head: bool = True,
     ):
         cfg = self.cfg
         B, T = tokens_BT.shape
@@ -215,6 +216,8 @@ class GPT2(nn.Module):
             new_cache.append(layer_cache)
 
         x_BTD = _layer_norm(cfg, "ln_f")(x_BTD)
+        if not head:  # the features the tied head reads: for a loss that never holds all the logits
+            return x_BTD if cache is None else (x_BTD, tuple(new_cache))
         logits_BTV = wte.attend(x_BTD).astype(jnp.float32)  # LM head tied to the token embedding
         chex.assert_shape(logits_BTV, (B, T, cfg.vocab_size))
         if cache is None:
@@ -228,15 +231,46 @@ def init_params(cfg: GPT2Config, rng: jax.Array) -> dict:
     return GPT2(cfg).init(rng, tokens_BT)["params"]
 
 
-def forward(params, cfg: GPT2Config, tokens_BT, *, deterministic: bool = True, rng: jax.Array | None = None):
-    """``logits_BTV = forward(params, cfg, tokens_BT)``: the model as a plain function."""
+def forward(params, cfg: GPT2Config, tokens_BT, *, deterministic: bool = True, rng: jax.Array | None = None,
+            head: bool = True):
+    """``logits_BTV = forward(params, cfg, tokens_BT)``: the model as a plain function.
+
+    ``head=False`` returns the final LayerNorm's output ``x_BTD`` instead (see ``chunked_token_nll``).
+    """
     rngs = None if rng is None else {"dropout": rng}
-    return GPT2(cfg).apply({"params": params}, tokens_BT, deterministic, rngs=rngs)
+    return GPT2(cfg).apply({"params": params}, tokens_BT, deterministic, rngs=rngs, head=head)
 
 
 def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """Per-token negative log-likelihood ``nll_BT`` in float32."""
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
+
+
+def chunked_token_nll(x_BTD: jax.Array, wte_VD: jax.Array, targets_BT: jax.Array, *,
+                      chunk_rows: int = 256) -> jax.Array:
+    """``token_nll`` of the tied head's logits ``x_BTD @ wte_VDᵀ``, ``chunk_rows`` tokens at a time.
+
+    The B·T x V float32 logits are never held at once, forward or backward: each chunk's logits
+    are recomputed in the backward pass (``jax.checkpoint``), so the head's memory is one chunk's
+    (256 x 32000 x 4 bytes = 33 MB, against 262 MB for tiny's batch of 16 x 128). The head's dot
+    takes bf16 inputs with float32 accumulation when the features are bf16.
+    """
+    B, T, D = x_BTD.shape
+    N = B * T
+    chunk_rows = min(chunk_rows, N)  # a batch smaller than one chunk is one chunk, unpadded
+    chunks = -(-N // chunk_rows)
+    pad = chunks * chunk_rows - N
+    x_CcD = jnp.pad(x_BTD.reshape(N, D), ((0, pad), (0, 0))).reshape(chunks, chunk_rows, D)
+    t_Cc = jnp.pad(targets_BT.reshape(N), (0, pad)).reshape(chunks, chunk_rows)
+    w_VD = wte_VD.astype(x_BTD.dtype)
+
+    @jax.checkpoint
+    def chunk_nll(x_cD, t_c):
+        logits_cV = jnp.einsum("cd,vd->cv", x_cD, w_VD, preferred_element_type=jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits_cV, t_c)
+
+    nll_Cc = jax.lax.map(lambda a: chunk_nll(*a), (x_CcD, t_Cc))
+    return nll_Cc.reshape(-1)[:N].reshape(B, T)
 
 
 def cross_entropy_loss(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array | None = None) -> jax.Array:
@@ -254,5 +288,5 @@ def count_params(params) -> int:
 
 __all__: Sequence[str] = (
     "GPT2", "Block", "CausalSelfAttention", "MLP", "LayerCache", "KVCache", "attend", "write_cache",
-    "init_cache", "init_params", "forward", "token_nll", "cross_entropy_loss", "count_params",
+    "init_cache", "init_params", "forward", "token_nll", "chunked_token_nll", "cross_entropy_loss", "count_params",
 )

@@ -66,7 +66,7 @@ from gpt2_jax import pretrained
 from gpt2_jax import tokenizer as tokenizer_lib
 from gpt2_jax.cli import UserError, check, parse_flags, run
 from gpt2_jax.config import PRESETS, GPT2Config
-from gpt2_jax.model import forward, init_params, token_nll
+from gpt2_jax.model import chunked_token_nll, forward, init_params
 
 AXIS = "devices"  # the pmap axis: one entry per device of every process (each process holds its local ones)
 
@@ -204,15 +204,16 @@ def make_train_step(cfg: GPT2Config, optimizer: optax.GradientTransformation, sc
         first_row = 0 if axis_name is None else lax.axis_index(axis_name) * B
         keys_B = example_keys(rng, state.step, first_row, B)
 
-        def row_logits(params, tokens_T, key):  # one row, its own dropout key
-            return forward(params, cfg, tokens_T[None], deterministic=False, rng=key)[0]
+        def row_features(params, tokens_T, key):  # one row, its own dropout key
+            return forward(params, cfg, tokens_T[None], deterministic=False, rng=key, head=False)[0]
 
         def loss_fn(params):
-            logits_BTV = jax.vmap(row_logits, in_axes=(None, 0, 0))(params, inputs_BT, keys_B)
+            x_BTD = jax.vmap(row_features, in_axes=(None, 0, 0))(params, inputs_BT, keys_B)
+            nll_BT = chunked_token_nll(x_BTD, params["wte"]["embedding"], targets_BT)
             # This device's NLL sum over the GLOBAL number of scored tokens: summed over devices it
             # is exactly the global masked mean (and so is its gradient) however the masks differ,
             # where a pmean of per-device means would weigh a half-masked device like a full one.
-            return (token_nll(logits_BTV, targets_BT) * mask_BT).sum() / jnp.maximum(tokens, 1.0)
+            return (nll_BT * mask_BT).sum() / jnp.maximum(tokens, 1.0)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         if axis_name is not None:
@@ -235,9 +236,10 @@ def make_eval_step(cfg: GPT2Config, *, axis_name: str | None = AXIS) -> Callable
     """``eval_step(params, batch) -> {"nll_sum", "tokens"}`` summed over the batch (and devices): exact means."""
 
     def eval_step(params, batch: Batch) -> dict:
-        logits_BTV = forward(params, cfg, batch["inputs"], deterministic=True)
+        x_BTD = forward(params, cfg, batch["inputs"], deterministic=True, head=False)
+        nll_BT = chunked_token_nll(x_BTD, params["wte"]["embedding"], batch["targets"])
         mask_BT = batch["mask"]
-        out = {"nll_sum": (token_nll(logits_BTV, batch["targets"]) * mask_BT).sum(), "tokens": mask_BT.sum()}
+        out = {"nll_sum": (nll_BT * mask_BT).sum(), "tokens": mask_BT.sum()}
         return lax.psum(out, axis_name) if axis_name is not None else out
 
     return eval_step
