@@ -2,13 +2,15 @@
 
     python -m gpt2_jax.bench train --size=small --batch_size=64 --steps=20 --warmup=3 --dtype=bfloat16
     python -m gpt2_jax.bench generate --size=small --batch_size=1 --prompt_len=16 --new_tokens=128 --method=greedy
+    python -m gpt2_jax.bench roofline      # this machine's measured matmul peaks and memory bandwidth
 
 Training FLOPs per token (stated, so MFU numbers can be checked):
     6 · N_matmul  +  12 · L · D · T
 where N_matmul = non-embedding parameters + V·D (the tied LM head is a matmul; the position table is
 a lookup, not counted), and 12·L·D·T is the attention score/value matmuls (forward + backward) at
 window T. MFU = tokens/s · FLOPs per token / peak FLOP/s of the device (table below, dense, no
-sparsity; on CPU pass --peak_tflops, else MFU is null).
+sparsity; on CPU pass --peak_tflops, else MFU is null). Every train/generate line also carries this
+machine's measured roofline (``roofline``) and MFU / %-of-bandwidth against it, so no peak is assumed.
 """
 
 from __future__ import annotations
@@ -50,6 +52,43 @@ def device_peak_tflops(dtype: str) -> float | None:
         if name in kind:
             return bf16 if dtype == "bfloat16" else fp32
     return None
+
+
+def _best_seconds(f, *args, repeats: int = 5) -> float:
+    jax.block_until_ready(f(*args))  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def roofline(n: int = 2048, stream_mib: int = 512) -> dict:
+    """Measured peaks of the first device: an n^3 matmul in float32 and with bfloat16 inputs and float32
+    accumulation (GFLOP/s, best of 5), and streaming read bandwidth (GB/s, a sum over ``stream_mib``)."""
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal((n, n)), jnp.float32) for _ in range(2))
+    f32 = jax.jit(lambda x, y: x @ y)
+    bf16 = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+    flops = 2.0 * n**3
+    stream = jnp.ones((stream_mib * 2**20 // 4,), jnp.float32)
+    read = _best_seconds(jax.jit(jnp.sum), stream)
+    return {"matmul_f32_gflops": round(flops / _best_seconds(f32, a, b) / 1e9, 1),
+            "matmul_bf16_gflops": round(flops / _best_seconds(bf16, a.astype(jnp.bfloat16),
+                                                               b.astype(jnp.bfloat16)) / 1e9, 1),
+            "memory_gbps": round(stream.nbytes / read / 1e9, 1), "matmul_n": n, "stream_mib": stream_mib,
+            "cpu": _cpu_name(), "device": jax.devices()[0].device_kind}
 
 
 def _memory() -> dict:
@@ -168,13 +207,16 @@ def _define_flags() -> flags.FlagValues:
 
 def main(argv: Sequence[str]) -> int:
     argv = list(argv)
-    if len(argv) < 2 or argv[1] not in ("train", "generate"):
+    if len(argv) < 2 or argv[1] not in ("train", "generate", "roofline"):
         if any(a in ("--help", "-h") for a in argv[1:]):
             print(__doc__)
             return 0
-        raise cli.UserError("first argument must be a subcommand: train or generate (see --help)")
+        raise cli.UserError("first argument must be a subcommand: train, generate or roofline (see --help)")
     command = argv.pop(1)
     fv = cli.parse_flags(_define_flags(), argv, __doc__)
+    if command == "roofline":
+        print(json.dumps({"bench": "roofline", **roofline(), **_environment()}))
+        return 0
     n_ctx = PRESETS[fv.size].n_ctx
     if command == "generate" and fv.prompt_len > n_ctx:
         raise cli.UserError(f"--prompt_len={fv.prompt_len} exceeds the {fv.size} preset's context of {n_ctx} tokens")
@@ -190,8 +232,17 @@ def main(argv: Sequence[str]) -> int:
     else:
         result = bench_generate(cfg, batch_size=fv.batch_size or 1, prompt_len=fv.prompt_len,
                                 new_tokens=fv.new_tokens, method=fv.method, repeats=fv.repeats, seed=fv.seed)
+    measured = roofline()
+    if command == "train":
+        peak_gflops = measured["matmul_bf16_gflops" if dtype == "bfloat16" else "matmul_f32_gflops"]
+        result["mfu_measured_peak"] = round(result["tokens_per_s"] * result["flops_per_token"] / (peak_gflops * 1e9), 4)
+    else:  # batch-1 decoding reads every weight once per step: bound by memory bandwidth
+        weight_bytes = param_count(cfg) * (2 if dtype == "bfloat16" else 4)
+        steps_per_s = result["new_tokens_per_s"] / result["batch_size"]
+        result["weight_bytes"] = weight_bytes
+        result["pct_of_bandwidth"] = round(100 * weight_bytes * steps_per_s / (measured["memory_gbps"] * 1e9), 1)
     record = {**result, "size": fv.size, "dtype": dtype, "remat": fv.remat, "attention": fv.attention,
-              **_environment()}
+              "roofline": measured, **_environment()}
     print(json.dumps(record))
     sys.stdout.flush()
     return 0

@@ -57,6 +57,9 @@ def test_train_bench_prints_one_consistent_json_line_last():
     assert r["tokens_per_s"] * r["ms_per_step"] / 1e3 == pytest.approx(2 * 128, rel=0.01)
     assert r["mfu"] is None and r["backend"] == "cpu" and r["host_peak_rss_gib"] > 0
     assert 9.0 < r["final_loss"] < 11.0  # about log(32000) = 10.37 at random init
+    # MFU against this machine's float32 matmul peak, measured in the same run.
+    peak = r["roofline"]["matmul_f32_gflops"]
+    assert r["mfu_measured_peak"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9), abs=1e-4)
 
 
 def test_generate_bench_prints_one_consistent_json_line_last():
@@ -66,6 +69,21 @@ def test_generate_bench_prints_one_consistent_json_line_last():
     assert r["bench"] == "generate" and r["method"] == "nucleus" and r["new_tokens"] == 4
     assert r["new_tokens_per_s"] * r["ms_per_token"] / 1e3 == pytest.approx(2, rel=0.01)
     assert r["time_to_first_token_ms"] > 0 and r["compile_s"] > 0
+    # Each decode step reads all weights once: the fraction of the measured bandwidth that is.
+    assert r["weight_bytes"] == 11_384_320 * 4
+    assert r["pct_of_bandwidth"] == pytest.approx(
+        100 * r["weight_bytes"] * r["new_tokens_per_s"] / 2 / (r["roofline"]["memory_gbps"] * 1e9), abs=0.1)
+
+
+def test_roofline_measures_matmul_peaks_and_bandwidth_of_this_machine():
+    r = bench.roofline(n=256, stream_mib=16)
+    assert r["matmul_n"] == 256 and r["stream_mib"] == 16 and r["device"] == "cpu"
+    # Any real machine does more than 1 GFLOP/s and reads more than 0.5 GB/s; far below any peak.
+    assert r["matmul_f32_gflops"] > 1 and r["matmul_bf16_gflops"] > 1 and r["memory_gbps"] > 0.5
+    proc = _cli("roofline")
+    assert proc.returncode == 0, proc.stderr
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line["bench"] == "roofline" and set(r) <= set(line)
 
 
 @pytest.mark.parametrize("args,needle", [(["fly"], "subcommand"), (["train", "--size=huge"], "--size"),
