@@ -15,9 +15,7 @@ The shell, ``main``: flags, data, the run directory (see ``gpt2_jax.checkpoint``
 per-epoch progress bars, per-step metrics, evaluation, the loss plot, Orbax checkpoints and
 signals. Re-running the same command in the same ``--run_dir`` resumes from the newest complete
 checkpoint, bit for bit on the same devices: the state, the dropout key and the data position are
-all in the checkpoint, and every step's randomness is derived from (seed, step, global row). A
-``--time_budget_minutes`` run times its first steps, then fixes its step count once in run.json
-(``gpt2_jax.budget``); from then on it is step-based like any other. One
+all in the checkpoint, and every step's randomness is derived from (seed, step, global row). One
 training process at a time holds a run directory (``run.lock``); a write that fails (a full or
 read-only disk) stops the run with one line naming the newest complete checkpoint, and a
 non-finite loss, gradient or parameter norm stops it before any checkpoint of the bad state.
@@ -60,7 +58,6 @@ from jax import lax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gpt2_jax import budget
 from gpt2_jax import checkpoint as ckpt
 from gpt2_jax import data
 from gpt2_jax import evaluate as evaluate_lib
@@ -77,9 +74,6 @@ AXIS = "devices"  # the pmap axis: one entry per device of every process (each p
 # ================================================================ pure core
 
 
-SCHEDULES = ("cosine", "wsd")
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides the optimisation trajectory (a run dir refuses a different one)."""
@@ -87,11 +81,8 @@ class TrainConfig:
     batch_size: int = 32  # global: sequences per step over all devices
     epochs: int = 5
     max_steps: int | None = None  # stop before the last epoch ends (the LR schedule then ends here too)
-    time_budget_minutes: float | None = None  # stop where this much wall time runs out (see gpt2_jax.budget)
     lr: float = 6e-4  # peak learning rate
-    warmup_steps: int | None = None  # linear from 0 to lr, then the decay; None: see warmup_steps()
-    schedule: str = "cosine"  # after the warmup: "cosine" decay, or "wsd" (constant, then linear decay)
-    decay_fraction: float = 0.2  # wsd: the decay takes this fraction of all steps, at the end
+    warmup_steps: int | None = None  # linear from 0 to lr, then cosine down; None: see warmup_steps()
     final_lr_fraction: float = 0.1
     weight_decay: float = 0.1  # decoupled (AdamW), on matrices only: see decay_mask
     grad_clip: float = 1.0  # global gradient norm; 0 disables
@@ -107,12 +98,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
-            raise ValueError(f"time_budget_minutes must be > 0, got {self.time_budget_minutes}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if not 0.0 < self.decay_fraction <= 1.0:
-            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         for name in ("warmup_steps", "weight_decay", "grad_clip", "seed"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -126,8 +111,7 @@ class TrainConfig:
 
 
 def total_steps(train_cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """Steps the run takes: all epochs, or ``max_steps`` if that comes first (a time budget may end it
-    sooner: ``gpt2_jax.budget``)."""
+    """Steps the run takes: all epochs, or ``max_steps`` if that comes first."""
     n = train_cfg.epochs * steps_per_epoch
     return n if train_cfg.max_steps is None else min(n, train_cfg.max_steps)
 
@@ -139,24 +123,13 @@ def warmup_steps(train_cfg: TrainConfig, num_steps: int) -> int:
 
 
 def make_schedule(train_cfg: TrainConfig, num_steps: int) -> optax.Schedule:
-    """Learning rate at each step: linear warmup 0 -> lr, then down to ``lr * final_lr_fraction`` at ``num_steps``.
-
-    ``cosine``: a cosine decay right after the warmup. ``wsd`` (warmup-stable-decay, as in MiniCPM
-    and Hägele et al. 2024): the peak held, then a linear decay over the last ``decay_fraction``
-    of the steps (never reaching into the warmup). Either way the warmup's rates do not depend on
-    ``num_steps``, which is what lets a time-budgeted run fix ``num_steps`` during its warmup.
-    """
+    """Learning rate at each step: linear warmup 0 -> lr, then cosine to ``lr * final_lr_fraction`` at ``num_steps``."""
     warmup = warmup_steps(train_cfg, num_steps)
     if not 0 <= warmup < num_steps:
         raise ValueError(f"warmup_steps={warmup} must be smaller than the {num_steps} training steps")
-    peak, end = train_cfg.lr, train_cfg.lr * train_cfg.final_lr_fraction
-    if train_cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak, warmup_steps=warmup,
-                                                  decay_steps=num_steps, end_value=end)
-    decay_start = max(warmup, num_steps - max(1, round(train_cfg.decay_fraction * num_steps)))
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak),
-                                 optax.linear_schedule(peak, end, num_steps - decay_start)],
-                                boundaries=[warmup, decay_start])
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train_cfg.lr, warmup_steps=warmup,
+        decay_steps=num_steps, end_value=train_cfg.lr * train_cfg.final_lr_fraction)
 
 
 def decay_mask(params) -> Any:
@@ -380,26 +353,15 @@ def _define_flags() -> flags.FlagValues:
     flags.DEFINE_integer("epochs", d.epochs, "passes over the training split", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("max_steps", None, "stop after this many steps (the LR schedule is fitted to the "
                          "shorter run)", lower_bound=1, flag_values=fv)
-    flags.DEFINE_float("time_budget_minutes", None, "stop when this much wall time (compilation, steps, "
-                       "evaluations, checkpoints; not data preparation) runs out, or at --epochs/--max_steps if "
-                       "sooner: the first steps are timed, then the step count is fixed once (in run.json) and the "
-                       "LR schedule ends there", flag_values=fv)
-    check(fv, "time_budget_minutes", lambda v: v > 0, "must be > 0")
     flags.DEFINE_integer("batch_size", d.batch_size, "global batch in sequences, split over all devices of all "
                          "processes (must be divisible by their number)", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("eval_batch_size", None, "evaluation batch (default: --batch_size)", lower_bound=1,
                          flag_values=fv)
     flags.DEFINE_float("lr", d.lr, "peak learning rate", flag_values=fv)
     check(fv, "lr", lambda v: v > 0, "must be > 0")
-    flags.DEFINE_integer("warmup_steps", d.warmup_steps, "linear warmup steps before the decay (default: "
+    flags.DEFINE_integer("warmup_steps", d.warmup_steps, "linear warmup steps before the cosine decay (default: "
                          "100, or a tenth of a shorter run)", lower_bound=0, flag_values=fv)
-    flags.DEFINE_enum("schedule", d.schedule, list(SCHEDULES), "after the warmup: cosine decay, or wsd "
-                      "(warmup-stable-decay: the peak held, then a linear decay over the last --decay_fraction)",
-                      flag_values=fv)
-    flags.DEFINE_float("decay_fraction", d.decay_fraction, "with --schedule=wsd: the fraction of the steps the "
-                       "final decay takes", flag_values=fv)
-    check(fv, "decay_fraction", lambda v: 0 < v <= 1, "must be in (0, 1]")
-    flags.DEFINE_float("final_lr_fraction", d.final_lr_fraction, "the decay ends at lr times this",
+    flags.DEFINE_float("final_lr_fraction", d.final_lr_fraction, "the cosine ends at lr times this",
                        lower_bound=0.0, upper_bound=1.0, flag_values=fv)
     flags.DEFINE_float("weight_decay", d.weight_decay, "AdamW decoupled weight decay (kernels and embeddings; "
                        "not biases or LayerNorm)", lower_bound=0.0, flag_values=fv)
@@ -472,11 +434,6 @@ def configs_from_flags(fv: flags.FlagValues) -> tuple[GPT2Config, TrainConfig, p
     training = {"dtype": fv.dtype, "remat": fv.remat}
     if fv.dropout is not None:
         training.update(dropout=fv.dropout, attn_dropout=fv.dropout)
-    if fv["decay_fraction"].present and fv.schedule != "wsd":
-        raise UserError(f"--decay_fraction is the length of --schedule=wsd's final decay; --schedule={fv.schedule} "
-                        f"has none: add --schedule=wsd or drop --decay_fraction")
-    if fv.time_budget_minutes is not None and fv.warmup_steps is not None and fv.warmup_steps < 2:
-        raise UserError(_budget_warmup_error(fv.warmup_steps))
     source, values = None, {k: fv[k].value for k in FINETUNE_DEFAULTS}
     if fv.init_from is not None:
         source = pretrained.open_source(fv.init_from, ckpt.parse_step(fv.init_step))
@@ -490,19 +447,12 @@ def configs_from_flags(fv: flags.FlagValues) -> tuple[GPT2Config, TrainConfig, p
             n_ctx = overrides.pop("n_ctx", None)
             cfg = pretrained.model_config(source, size=fv.size if fv["size"].present else None,
                                           overrides=overrides, n_ctx=n_ctx, **training)
-        train_cfg = TrainConfig(batch_size=fv.batch_size, max_steps=fv.max_steps,
-                                time_budget_minutes=fv.time_budget_minutes, warmup_steps=fv.warmup_steps,
-                                schedule=fv.schedule, decay_fraction=fv.decay_fraction,
+        train_cfg = TrainConfig(batch_size=fv.batch_size, max_steps=fv.max_steps, warmup_steps=fv.warmup_steps,
                                 final_lr_fraction=fv.final_lr_fraction, weight_decay=fv.weight_decay,
                                 grad_clip=fv.grad_clip, b2=fv.b2, seed=fv.seed, **values)
     except ValueError as e:
         raise UserError(f"{e} (see --help)") from None
     return cfg, train_cfg, source
-
-
-def _budget_warmup_error(warmup: int) -> str:
-    return (f"--time_budget_minutes times the first steps inside the warmup (its learning rates do not depend on "
-            f"the step count still to be fixed), so it needs --warmup_steps >= 2; the warmup is {warmup}")
 
 
 class _StopRequest:
@@ -579,29 +529,6 @@ def init_distributed(fv: flags.FlagValues, environ: Mapping[str, str]) -> bool:
                         f"({_first_line(e)}); start every process with the same --coordinator_address, "
                         f"--num_processes and a distinct --process_id") from None
     return True
-
-
-def _agree(value: int) -> int:
-    """Process 0's ``value`` in every process: what one decides from its own clock, all must do alike."""
-    if jax.process_count() == 1:
-        return int(value)
-    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
-
-
-# Test hook: every step, evaluation and host copy of a time-budgeted run then "takes" this many seconds
-# (budget.Meter), so the step count it fixes is the same in every run of a test.
-FAKE_STEP_SECONDS_ENV = "GPT2_JAX_FAKE_STEP_SECONDS"
-
-
-def _fake_step_seconds() -> float | None:
-    text = os.environ.get(FAKE_STEP_SECONDS_ENV)
-    try:
-        seconds = None if text is None else float(text)
-    except ValueError:
-        seconds = math.nan
-    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
-        raise UserError(f"${FAKE_STEP_SECONDS_ENV}={text} must be a number of seconds > 0 (a test hook; unset it)")
-    return seconds
 
 
 def _first_line(e: BaseException) -> str:
@@ -704,10 +631,9 @@ def main(argv: Sequence[str]) -> int:
         return _restore_and_train(fv, cfg, train_cfg, run_dir, *opened, say, warn, source=source)
 
 
-def _restore_and_train(fv, cfg, train_cfg, run_dir, corpus, spe, num_steps, fixed, say, warn, *, source) -> int:
+def _restore_and_train(fv, cfg, train_cfg, run_dir, corpus, spe, num_steps, say, warn, *, source) -> int:
     eval_batch = fv.eval_batch_size or train_cfg.batch_size
-    # The warmup of the most steps the run may do (the same as today's when no time budget cuts it short).
-    train_cfg = dataclasses.replace(train_cfg, warmup_steps=warmup_steps(train_cfg, total_steps(train_cfg, spe)))
+    schedule = make_schedule(train_cfg, num_steps)
     optimizer = make_optimizer(train_cfg, num_steps)
     params_key, dropout_key = jax.random.split(jax.random.PRNGKey(train_cfg.seed))
     init = functools.partial(init_train_state, cfg, optimizer)
@@ -732,13 +658,10 @@ def _restore_and_train(fv, cfg, train_cfg, run_dir, corpus, spe, num_steps, fixe
             position = data.DataPosition.from_dict(restored.meta["data_position"])
             rng = jnp.asarray(restored.meta["rng"], jnp.uint32)
             assert position == data.DataPosition(*divmod(restored.step, spe)), (position, restored.step, spe)
-            if train_cfg.time_budget_minutes is not None and fixed is None:  # it saves only once the steps are fixed
-                raise UserError(f"{run_dir / ckpt.RUN_FILE} has no time_budget record, yet a checkpoint (step "
-                                f"{restored.step}) exists; restore run.json from a copy")
             ckpt.prune(manager, fv.keep)  # what a kill stopped Orbax from removing
             say(f"resuming {run_dir} from step {restored.step} (epoch {restored.step / spe:.2f})")
-        code = _train(fv, cfg, train_cfg, corpus, run_dir, manager, state, position, rng, spe, num_steps, eval_batch,
-                      say, evaluate_first=source is not None, budget_record=fixed)
+        code = _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, state, position, rng,
+                      spe, num_steps, eval_batch, say, evaluate_first=source is not None)
     except OSError as e:  # metrics, evaluations or the plot could not be written: a full disk, say
         ckpt.close_manager(manager, report=False)
         raise ckpt.write_failed(run_dir / ckpt.CHECKPOINT_DIR, e, f"to {e.filename or run_dir}") from None
@@ -759,28 +682,17 @@ def _pretrained_state(source: pretrained.Pretrained, cfg: GPT2Config, optimizer,
     return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
 
-# TrainConfig fields added after runs were made: a run.json without one ran with its default.
-_ADDED_TRAIN_FIELDS = {"time_budget_minutes": None, "schedule": "cosine", "decay_fraction": 0.2}
-
-
-def _open_run(fv, cfg, train_cfg, record, run_dir, argv, source) -> tuple[data.Corpus, int, int, dict | None]:
-    """Check (or, in process 0, create) the run directory; load the corpus.
-
-    -> (corpus, steps per epoch, steps, the time budget's record once it fixed the steps, else None).
-    """
+def _open_run(fv, cfg, train_cfg, record, run_dir, argv, source) -> tuple[data.Corpus, int, int]:
+    """Check (or, in process 0, create) the run directory; load the corpus. -> (corpus, steps per epoch, steps)."""
     primary = jax.process_index() == 0
     resuming = (run_dir / ckpt.RUN_FILE).exists()
     if not resuming and not primary:
         raise UserError(f"{run_dir / ckpt.RUN_FILE}, just written by process 0, is not visible to process "
                         f"{jax.process_index()}; --run_dir must be on a filesystem all processes share")
     tok = None if source is None else source.tokenizer  # fine-tuning: PATH's tokenizer encodes the data
-    saved = {}
     if resuming:
         saved = ckpt.read_run_json(run_dir)
-        before = {k: saved.get(k) for k in record}
-        if isinstance(before.get("train"), dict):
-            before["train"] = {**_ADDED_TRAIN_FIELDS, **before["train"]}
-        diffs = ckpt.config_differences(before, record)
+        diffs = ckpt.config_differences({k: saved.get(k) for k in record}, record)
         if diffs:
             more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
             raise UserError(f"{run_dir} belongs to a different config: {diffs[0]}{more}; use a new --run_dir "
@@ -791,39 +703,23 @@ def _open_run(fv, cfg, train_cfg, record, run_dir, argv, source) -> tuple[data.C
     corpus = data.prepare_corpus(fv.data_dir, fv.cache_dir, vocab_size=cfg.vocab_size, tokenizer=tok, log=log)
     tokenizer_lib.check_vocab_matches(corpus.tokenizer, cfg)
     spe = data.steps_per_epoch(len(corpus.tokens["train"]), cfg.n_ctx, train_cfg.batch_size)
-    num_steps = total_steps(train_cfg, spe)  # under a time budget: the most it may fix
+    num_steps = total_steps(train_cfg, spe)
     if train_cfg.warmup_steps is not None and train_cfg.warmup_steps >= num_steps:  # the default always fits
         raise UserError(f"--warmup_steps={train_cfg.warmup_steps} must be smaller than the {num_steps} training "
                         f"steps; lower it or raise --max_steps/--epochs")
-    warmup = warmup_steps(train_cfg, num_steps)  # fixed now, before any time budget fixes the step count
-    if train_cfg.time_budget_minutes is not None and warmup < 2:
-        raise UserError(_budget_warmup_error(warmup))
-    fixed = saved.get("time_budget")
-    if fixed is not None:
-        if not (isinstance(fixed, dict) and isinstance(fixed.get("steps"), int) and warmup < fixed["steps"] <= num_steps
-                and isinstance(fixed.get("fixed_at_step"), int)):
-            raise UserError(f"{run_dir / ckpt.RUN_FILE}'s time_budget record is damaged (no steps between the "
-                            f"{warmup} warmup steps and {num_steps}, or no fixed_at_step); restore it from a copy")
-        num_steps = fixed["steps"]
     if not resuming:
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer_lib.save_tokenizer(corpus.tokenizer, run_dir / ckpt.TOKENIZER_FILE)
         ckpt.write_run_json(run_dir, {**record, "steps_per_epoch": spe, "total_steps": num_steps,
-                                      "warmup_steps": warmup,
+                                      "warmup_steps": warmup_steps(train_cfg, num_steps),
                                       "tokenizer": tokenizer_lib.tokenizer_fingerprint(corpus.tokenizer),
                                       "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": list(argv)})
-    return corpus, spe, num_steps, fixed
+    return corpus, spe, num_steps
 
 
-def _train(fv, cfg, train_cfg, corpus, run_dir, manager, state, position, rng, spe, num_steps, eval_batch, say, *,
-           evaluate_first: bool = False, budget_record: dict | None = None) -> int:
+def _train(fv, cfg, train_cfg, corpus, run_dir, manager, optimizer, schedule, state, position, rng,
+           spe, num_steps, eval_batch, say, *, evaluate_first: bool = False) -> int:
     primary, multi = jax.process_index() == 0, jax.process_count() > 1
-    # A time budget: until its step count is fixed (at fix_step) the first steps are timed, and nothing is
-    # evaluated or saved before fix_step, so every checkpoint belongs to the fixed schedule.
-    budgeted = train_cfg.time_budget_minutes is not None
-    fix_step = None if budget_record is None else budget_record["fixed_at_step"]
-    meter = budget.Meter(60 * train_cfg.time_budget_minutes, warmup_steps(train_cfg, num_steps),
-                         fake_seconds=_fake_step_seconds()) if budgeted and fix_step is None else None
     layout = {"num_devices": jax.local_device_count(), "process_index": jax.process_index(),
               "process_count": jax.process_count()}
     step = int(state.step)
@@ -835,11 +731,8 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, state, position, rng, s
     step_records = [r for r in metrics_lib.read_jsonl(metrics_path) if r["step"] <= step]
     eval_records = [r for r in metrics_lib.read_jsonl(evals_path) if r["step"] <= step]
 
-    def pmapped_step(n: int):
-        return jax.pmap(make_train_step(cfg, make_optimizer(train_cfg, n), make_schedule(train_cfg, n)),
-                        axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=jax.devices())
-
-    p_train = pmapped_step(num_steps)
+    p_train = jax.pmap(make_train_step(cfg, optimizer, schedule), axis_name=AXIS, in_axes=(0, 0, None),
+                       donate_argnums=(0,), devices=jax.devices())
     p_eval = jax.pmap(make_eval_step(cfg), axis_name=AXIS, devices=jax.devices())
     state_N = replicate(state, jax.local_devices())
     del state
@@ -896,32 +789,6 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, state, position, rng, s
         if bar is not None:
             bar.set_postfix(loss=f"{recs[-1]['loss']:.3f}", lr=f"{recs[-1]['lr']:.2e}", tok_s=f"{tps:,.0f}")
 
-    def fix_total(eval_s: float) -> int:
-        """The time budget's step count, from the timings of the steps so far; written to run.json."""
-        state_0 = jax.tree.map(lambda x: x.addressable_shards[0].data, state_N)
-        _, save_s = meter.time(lambda: jax.device_get(state_0))  # what a checkpoint holds the loop up for
-        timings = meter.timings(evaluation=eval_s, save=save_s,
-                                final=eval_s * len(corpus.tokens["test"]) / len(corpus.tokens["validation"]))
-        n = _agree(budget.steps_in_budget(60 * train_cfg.time_budget_minutes, timings, done=step, upper=num_steps,
-                                          eval_every=fv.eval_every, ckpt_every=fv.ckpt_every, steps_per_epoch=spe,
-                                          ckpt_minutes=fv.ckpt_minutes))
-        warmup = warmup_steps(train_cfg, num_steps)
-        measured = (f"{timings.step:.3g} s a step, {eval_s:.3g} s an evaluation, {timings.elapsed:.0f} s spent in "
-                    f"the first {step} steps")
-        if n <= warmup:
-            bar.close()
-            raise UserError(f"--time_budget_minutes={train_cfg.time_budget_minutes:g} ends the run at step {n} "
-                            f"({measured}), within the {warmup} warmup steps; raise it (in a new --run_dir) or lower "
-                            f"--warmup_steps")
-        if primary:
-            record = {"minutes": train_cfg.time_budget_minutes, "fixed_at_step": step, "steps": n,
-                      "upper_bound_steps": num_steps, **timings.to_dict()}
-            if _fake_step_seconds() is not None:
-                record["fake_step_seconds"] = _fake_step_seconds()
-            ckpt.write_run_json(run_dir, {**ckpt.read_run_json(run_dir), "total_steps": n, "time_budget": record})
-        say(f"time budget {train_cfg.time_budget_minutes:g} min: {n} steps ({measured})")
-        return n
-
     last_save = [time.monotonic()]
 
     def save(val_loss: float | None) -> None:
@@ -955,33 +822,20 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, state, position, rng, s
                 # on after the step in flight, not after a queue of up to --log_every steps.
                 jax.block_until_ready(pending[-2][1])
             bar.update(1)
-            if meter is not None and fix_step is None:
-                jax.block_until_ready(m)  # timed alone
-                fix_step = step if _agree(meter.tick()) else None
-            early = budgeted and (fix_step is None or step < fix_step)
             epoch_end, last = step % spe == 0, step == num_steps
-            do_eval = not early and (step % fv.eval_every == 0 or epoch_end or last or step == fix_step)
+            do_eval = step % fv.eval_every == 0 or epoch_end or last
             # Signals and the save clock are per process; several processes act on them together at
             # check-ins (scheduled saves, and a few seconds apart: see _CheckIns), one process at every step.
             signum, overdue = 0, False
             if not multi or do_eval or step % fv.ckpt_every == 0 or step >= check_in.next_step:
                 due = fv.ckpt_minutes > 0 and time.monotonic() - last_save[0] >= 60 * fv.ckpt_minutes
                 signum, overdue = check_in(step, stop.signum, due, fv.log_every)  # a signal may come anywhere
-            do_save = not early and (do_eval or step % fv.ckpt_every == 0 or overdue or signum != 0)
+            do_save = do_eval or step % fv.ckpt_every == 0 or overdue or signum != 0
             if do_eval or do_save:
                 flush(keep_last=False)  # a checkpoint is only written after its losses are seen finite
             elif len(pending) > fv.log_every:
                 flush(keep_last=True)
-            val_loss = None
-            if do_eval and meter is not None:  # step == fix_step, just chosen: the rest of the run is step-based
-                rec, eval_s = meter.time(lambda: run_eval("validation"))
-                val_loss, num_steps, meter = rec["loss"], fix_total(eval_s), None
-                p_train = pmapped_step(num_steps)  # compiles again: the same warmup, the decay ends at num_steps
-                planned_epochs = -(-num_steps // spe)
-                bar.total = min(spe, num_steps - epoch * spe)
-                bar.set_description(f"epoch {epoch + 1}/{planned_epochs}")
-            elif do_eval:
-                val_loss = run_eval("validation")["loss"]
+            val_loss = run_eval("validation")["loss"] if do_eval else None
             if do_save:
                 save(val_loss)
             if do_eval:
@@ -989,11 +843,7 @@ def _train(fv, cfg, train_cfg, corpus, run_dir, manager, state, position, rng, s
             if signum:
                 bar.close()
                 ckpt.finish_saves(manager)
-                if primary and early:
-                    print(f"stopped by {signal.Signals(signum).name} at step {step}, before a time-budgeted run saves "
-                          f"(from the step where its step count is fixed): nothing saved in {run_dir}; run the same "
-                          f"command to start again", file=sys.stderr)
-                elif primary:
+                if primary:
                     print(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint saved in {run_dir}; "
                           f"run the same command to resume", file=sys.stderr)
                 return 0

@@ -5,12 +5,10 @@ micro model with a 512-token BPE over the real WikiText-2 (tokenizer and streams
 the data module; compiled steps by a JAX compilation cache shared by the session's subprocesses).
 """
 
-import dataclasses
 import json
 import math
 import os
 import pathlib
-import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +22,6 @@ import numpy as np
 import optax
 import pytest
 
-from gpt2_jax import budget
 from gpt2_jax import checkpoint as ckpt
 from gpt2_jax import train
 from gpt2_jax.cli import UserError
@@ -76,28 +73,6 @@ def test_schedule_warms_up_linearly_to_the_peak_then_cosine_decays_to_the_final_
     assert np.all(np.diff(decay) < 0)
     with pytest.raises(ValueError, match="warmup_steps=10 must be smaller than the 10 training steps"):
         train.make_schedule(cfg, 10)
-
-
-def test_wsd_schedule_warms_up_holds_the_peak_then_decays_linearly_to_the_final_fraction():
-    cfg = train.TrainConfig(lr=1e-3, warmup_steps=10, final_lr_fraction=0.1, schedule="wsd", decay_fraction=0.2)
-    lr = train.make_schedule(cfg, 100)  # the decay: the last 20 steps, 80 -> 100
-    np.testing.assert_allclose([lr(0), lr(5), lr(10)], [0.0, 5e-4, 1e-3], rtol=1e-6)  # warmup end: the peak
-    np.testing.assert_allclose([lr(s) for s in (11, 50, 80)], [1e-3] * 3, rtol=1e-6)  # stable
-    np.testing.assert_allclose([lr(90), lr(99)], [(1e-3 + 1e-4) / 2, 1e-4 + 9e-4 / 20], rtol=1e-5)  # linear
-    np.testing.assert_allclose([lr(100), lr(500)], [1e-4, 1e-4], rtol=1e-6)  # the last step's end value
-    cosine = train.make_schedule(dataclasses.replace(cfg, schedule="cosine"), 100)
-    assert [float(lr(s)) for s in range(11)] == [float(cosine(s)) for s in range(11)]  # one warmup for both
-    # A decay longer than the steps after the warmup starts where the warmup ends.
-    whole = train.make_schedule(dataclasses.replace(cfg, decay_fraction=1.0), 100)
-    np.testing.assert_allclose([whole(10), whole(55), whole(100)], [1e-3, (1e-3 + 1e-4) / 2, 1e-4], rtol=1e-5)
-
-
-def test_train_config_refuses_an_unknown_schedule_a_decay_outside_0_1_and_a_budget_of_no_time():
-    for bad, match in [({"schedule": "linear"}, "schedule must be one of cosine, wsd"),
-                       ({"decay_fraction": 0.0}, r"decay_fraction must be in \(0, 1\]"),
-                       ({"time_budget_minutes": 0.0}, "time_budget_minutes must be > 0")]:
-        with pytest.raises(ValueError, match=match):
-            train.TrainConfig(**bad)
 
 
 def test_total_steps_is_all_epochs_unless_max_steps_comes_first():
@@ -282,105 +257,6 @@ def test_unreadable_latest_checkpoint_is_reported_once_set_aside_and_the_run_red
                                 jax.device_get(ckpt.load_run(finished_run).params))
 
 
-# A 12-second budget on a clock where every step, evaluation and host copy takes 0.1 s (the test hook):
-# the step count it fixes is the same in every run, and far below --max_steps.
-BUDGET_FLAGS = ("--time_budget_minutes=0.2", "--max_steps=1000", "--ckpt_every=10", "--eval_every=50", "--schedule=wsd")
-FAKE_CLOCK = {train.FAKE_STEP_SECONDS_ENV: "0.1"}
-
-
-@pytest.fixture(scope="module")
-def budgeted_run(cli_env, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "budgeted"
-    p = _train(dict(cli_env, **FAKE_CLOCK), run_dir, *BUDGET_FLAGS)
-    assert p.stderr.startswith("done: ") and p.stderr.count("\n") == 1, p.stderr
-    return run_dir
-
-
-def _step_metrics(run_dir):  # all but the throughput, which is timing
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_jsonl(run_dir / ckpt.METRICS_FILE)]
-
-
-def _run_json(run_dir):
-    return json.loads((pathlib.Path(run_dir) / ckpt.RUN_FILE).read_text())
-
-
-def test_a_time_budget_fixes_the_step_count_once_in_the_warmup_and_the_schedule_ends_at_it(budgeted_run):
-    record = _run_json(budgeted_run)
-    fixed = record["time_budget"]
-    n = record["total_steps"]
-    # Timed during the 5 warmup steps (the first 20 steps would be timed, but the warmup ends first).
-    assert fixed["fixed_at_step"] == 5 and fixed["steps"] == n and fixed["upper_bound_steps"] == 1000
-    assert [fixed[f"{k}_seconds"] for k in ("step", "evaluation", "save")] == pytest.approx([0.1] * 3)
-    timings = budget.Timings(**{k: fixed[f"{k}_seconds"] for k in
-                                ("elapsed", "step", "compile", "evaluation", "save", "final")})
-    assert n == budget.steps_in_budget(12.0, timings, done=5, upper=1000, eval_every=50, ckpt_every=10,
-                                       steps_per_epoch=record["steps_per_epoch"], ckpt_minutes=10.0)
-    assert 50 < n < 1000  # the budget, not --max_steps, ends the run
-    steps = read_jsonl(budgeted_run / ckpt.METRICS_FILE)
-    assert [r["step"] for r in steps] == list(range(1, n + 1))
-    # Every step's learning rate is the wsd schedule of n steps, which ends at lr * final_lr_fraction.
-    lr = train.make_schedule(train.TrainConfig(**record["train"]), n)
-    np.testing.assert_allclose([r["lr"] for r in steps], [lr(s) for s in range(n)], rtol=1e-6)
-    assert float(lr(n)) == pytest.approx(3e-3 * 0.1, rel=1e-6)
-    assert steps[-1]["lr"] < 3e-3 * 0.2 and max(r["lr"] for r in steps) == pytest.approx(3e-3)
-    # The fix step evaluates and saves; nothing is evaluated or saved before it.
-    evals = [(r["split"], r["step"]) for r in read_jsonl(budgeted_run / ckpt.EVALS_FILE)]
-    assert evals == [("validation", s) for s in (5, *range(50, n, 50), n)] + [("test", n)]
-    assert min(_steps(budgeted_run)) >= 5 and max(_steps(budgeted_run)) == n
-
-
-def test_a_budgeted_run_killed_after_its_step_count_is_fixed_resumes_to_the_same_step_bitwise(
-        cli_env, budgeted_run, tmp_path):
-    run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(run_dir, *BUDGET_FLAGS), env=_env(dict(cli_env, **FAKE_CLOCK), 1), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (run_dir / ckpt.CHECKPOINT_DIR / "30").is_dir():
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    n = _run_json(budgeted_run)["total_steps"]
-    assert max(s for s, _ in _losses(run_dir)) < n, "killed too late to test anything"
-    # Resumed on the real clock: it must take the step count from run.json, not time the steps again.
-    _train(cli_env, run_dir, *BUDGET_FLAGS)
-    # And a run dir whose run.json has the fixed count but no checkpoint (killed before its first save)
-    # starts again from step 0 on that schedule: the warmup steps it times are the same either way.
-    fresh = tmp_path / "run_json_only"
-    fresh.mkdir()
-    for name in (ckpt.RUN_FILE, ckpt.TOKENIZER_FILE):
-        shutil.copy(budgeted_run / name, fresh / name)
-    _train(cli_env, fresh, *BUDGET_FLAGS)
-    want = ckpt.load_run(budgeted_run, n)
-    for other in (run_dir, fresh):
-        assert _run_json(other)["time_budget"] == _run_json(budgeted_run)["time_budget"]
-        assert _step_metrics(other) == _step_metrics(budgeted_run)  # every step once, bit-equal
-        assert read_jsonl(other / ckpt.EVALS_FILE) == read_jsonl(budgeted_run / ckpt.EVALS_FILE)
-        got = ckpt.load_run(other, n)
-        chex.assert_trees_all_equal(jax.device_get(got.params), jax.device_get(want.params))
-
-
-def test_a_budget_too_small_for_the_warmup_is_one_line_exit_2_and_nothing_is_saved(cli_env, tmp_path):
-    run_dir = tmp_path / "tiny_budget"
-    p = _train(cli_env, run_dir, "--time_budget_minutes=0.001", "--max_steps=1000", expect_rc=2)
-    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
-    # The first step (compiling) takes longer than the 0.06 s budget.
-    assert p.stderr.startswith("error: --time_budget_minutes=0.001 ends the run at step 1 (") and p.stderr.endswith(
-        "within the 5 warmup steps; raise it (in a new --run_dir) or lower --warmup_steps\n"), p.stderr
-    assert not (run_dir / ckpt.CHECKPOINT_DIR).exists() or _steps(run_dir) == []
-    assert "time_budget" not in _run_json(run_dir)
-
-
-def test_a_budget_needs_a_warmup_to_time_its_first_steps_in_and_decay_fraction_needs_wsd(tmp_path):
-    with pytest.raises(UserError, match=r"^--time_budget_minutes times the first steps inside the warmup .* "
-                                        r"needs --warmup_steps >= 2; the warmup is 1$"):
-        _main(f"--run_dir={tmp_path}", "--time_budget_minutes=30", "--warmup_steps=1")
-    with pytest.raises(UserError, match=r"^--decay_fraction is the length of --schedule=wsd's final decay"):
-        _main(f"--run_dir={tmp_path}", "--decay_fraction=0.3")
-    assert list(tmp_path.iterdir()) == []
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_sigint_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(cli_env, tmp_path, sig):
     run_dir = tmp_path / "term"
@@ -431,31 +307,6 @@ def test_sigterm_is_acted_on_after_the_step_in_flight_not_after_a_queue_of_log_e
     seconds_per_step = 16 * 128 / np.median([r["tokens_per_s"] for r in read_jsonl(run_dir / ckpt.METRICS_FILE)])
     # At most the step in flight and the one queued behind it, then the save and the exit.
     assert waited < 10 + 3 * seconds_per_step, (waited, seconds_per_step, last)
-
-
-def test_sigterm_before_a_budget_fixes_its_step_count_saves_nothing_and_says_so(cli_env, tmp_path):
-    run_dir = tmp_path / "term_early"
-    # Slow steps and a long warmup: the first 20 steps after the compiling one are timed (seconds).
-    proc = subprocess.Popen(_cmd(run_dir, *SLOW_STEP, "--time_budget_minutes=30", "--warmup_steps=50",
-                                 "--max_steps=100000", "--noquiet"),
-                            env=_env(cli_env, 1), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    os.set_blocking(proc.stderr.fileno(), False)
-    err, deadline = b"", time.time() + 240
-    while b"epoch 1/" not in err:  # the bar is up: the first step is compiling
-        assert proc.poll() is None and time.time() < deadline, err.decode()[-2000:]
-        err += proc.stderr.read() or b""
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=240)
-    os.set_blocking(proc.stderr.fileno(), True)
-    err = (err + proc.stderr.read()).decode()
-    assert proc.returncode == 0, err[-2000:]
-    stopped = re.search(r"stopped by SIGTERM at step (\d+), before a time-budgeted run saves \(from the step where "
-                        r"its step count is fixed\): nothing saved in (\S+); run the same command to start again$",
-                        err.rstrip())
-    assert stopped and int(stopped[1]) < 21 and stopped[2] == str(run_dir), err[-2000:]
-    assert _steps(run_dir) == [] and "time_budget" not in _run_json(run_dir)
-    assert not (run_dir / ckpt.EVALS_FILE).exists()
 
 
 def test_a_short_first_run_gets_a_warmup_that_fits_and_its_bar_shows_the_steps_it_will_do(cli_env, tmp_path):
