@@ -27,6 +27,7 @@ import numpy as np
 from absl import flags
 
 from gpt2_jax import cli
+from gpt2_jax.errors import UserError
 from gpt2_jax.config import PRESETS, GPT2Config, param_count
 from gpt2_jax.model import init_params
 
@@ -113,7 +114,7 @@ def bench_train(cfg: GPT2Config, *, batch_size: int, steps: int, warmup: int, pe
 
     n_dev = jax.local_device_count()
     if batch_size % n_dev:
-        raise cli.UserError(f"--batch_size={batch_size} is not divisible by the {n_dev} local devices")
+        raise UserError(f"--batch_size={batch_size} is not divisible by the {n_dev} local devices")
     train_cfg = train.TrainConfig(batch_size=batch_size, warmup_steps=0, lr=1e-4)
     num_steps = warmup + steps + 2
     optimizer = train.make_optimizer(train_cfg, num_steps)
@@ -211,7 +212,7 @@ def main(argv: Sequence[str]) -> int:
         if any(a in ("--help", "-h") for a in argv[1:]):
             print(__doc__)
             return 0
-        raise cli.UserError("first argument must be a subcommand: train, generate or roofline (see --help)")
+        raise UserError("first argument must be a subcommand: train, generate or roofline (see --help)")
     command = argv.pop(1)
     fv = cli.parse_flags(_define_flags(), argv, __doc__)
     if command == "roofline":
@@ -219,7 +220,7 @@ def main(argv: Sequence[str]) -> int:
         return 0
     n_ctx = PRESETS[fv.size].n_ctx
     if command == "generate" and fv.prompt_len > n_ctx:
-        raise cli.UserError(f"--prompt_len={fv.prompt_len} exceeds the {fv.size} preset's context of {n_ctx} tokens")
+        raise UserError(f"--prompt_len={fv.prompt_len} exceeds the {fv.size} preset's context of {n_ctx} tokens")
     dtype = fv.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     overrides = dict(dtype=dtype, remat=fv.remat, attention=fv.attention)
     if fv.dropout is not None:

@@ -47,7 +47,8 @@ from orbax.checkpoint import checkpoint_managers
 
 from gpt2_jax import files
 from gpt2_jax import tokenizer as tokenizer_lib
-from gpt2_jax.cli import UserError, folder_flag
+from gpt2_jax.cli import folder_flag
+from gpt2_jax.errors import UserError
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.model import init_params
 

@@ -25,9 +25,7 @@ from typing import Any, Callable, Sequence
 
 from absl import flags
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing file, wrong run dir): one line, exit code 2."""
+from gpt2_jax.errors import UserError
 
 
 def check(flag_values: flags.FlagValues, name: str, ok: Callable[[Any], bool], requirement: str) -> None:

@@ -19,7 +19,8 @@ from typing import Sequence
 from absl import flags
 
 from gpt2_jax import hf
-from gpt2_jax.cli import UserError, folder_flag, parse_flags, run
+from gpt2_jax.cli import folder_flag, parse_flags, run
+from gpt2_jax.errors import UserError
 from gpt2_jax.config import param_count
 
 

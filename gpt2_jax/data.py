@@ -58,7 +58,7 @@ from tokenizers import Tokenizer
 
 from gpt2_jax import files
 from gpt2_jax import tokenizer as tokenizer_lib
-from gpt2_jax.cli import UserError
+from gpt2_jax.errors import UserError
 
 SPLITS = ("train", "validation", "test")
 _FILE_STEM = {"train": "train", "validation": "valid", "test": "test"}

@@ -92,7 +92,7 @@ def score_tokens(params, cfg: GPT2Config, tokens: np.ndarray, *, seq_len: int | 
 
     devices = tuple(jax.local_devices() if devices is None else devices)
     if batch_size % len(devices):
-        raise cli.UserError(f"--batch_size={batch_size} is not divisible by the {len(devices)} local devices")
+        raise UserError(f"--batch_size={batch_size} is not divisible by the {len(devices)} local devices")
     seq_len = cfg.n_ctx if seq_len is None else seq_len
     windows = len(eval_windows(len(tokens), seq_len, stride)[0])
     requested, batch_size = batch_size, min(batch_size, math.ceil(windows / len(devices)) * len(devices))
@@ -174,9 +174,9 @@ def main(argv: Sequence[str]) -> int:
     step, out_dir = ("hf" if fv.hf_dir else model.step), model.run_dir
     seq_len = fv.seq_len or cfg.n_ctx
     if not 2 <= seq_len <= cfg.n_ctx:
-        raise cli.UserError(f"--seq_len must be between 2 and the model's context {cfg.n_ctx}, got {seq_len}")
+        raise UserError(f"--seq_len must be between 2 and the model's context {cfg.n_ctx}, got {seq_len}")
     if fv.stride is not None and fv.stride > seq_len:
-        raise cli.UserError(f"--stride={fv.stride} must not exceed the window length {seq_len}")
+        raise UserError(f"--stride={fv.stride} must not exceed the window length {seq_len}")
 
     from gpt2_jax.data import prepare_corpus, quiet_tfds
 

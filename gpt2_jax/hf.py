@@ -35,7 +35,7 @@ from flax import traverse_util
 from tokenizers import decoders, models, pre_tokenizers
 
 from gpt2_jax import files as files_lib
-from gpt2_jax.cli import UserError
+from gpt2_jax.errors import UserError
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.model import init_params
 from gpt2_jax.tokenizer import EOT, load_tokenizer

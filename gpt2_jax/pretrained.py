@@ -15,7 +15,8 @@ from tokenizers import Tokenizer
 from gpt2_jax import checkpoint as ckpt
 from gpt2_jax import hf
 from gpt2_jax import tokenizer as tokenizer_lib
-from gpt2_jax.cli import UserError, folder_flag
+from gpt2_jax.cli import folder_flag
+from gpt2_jax.errors import UserError
 from gpt2_jax.config import PRESETS, GPT2Config
 
 # The shape of the network: every one comes from PATH (n_ctx may only shrink).

@@ -48,7 +48,8 @@ import numpy as np
 from absl import flags
 
 from gpt2_jax import memory
-from gpt2_jax.cli import UserError, check, parse_flags, run
+from gpt2_jax.cli import check, parse_flags, run
+from gpt2_jax.errors import UserError
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.model import GPT2, KVCache, init_cache
 

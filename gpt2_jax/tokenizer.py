@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gpt2_jax import files
-from gpt2_jax.cli import UserError
+from gpt2_jax.errors import UserError
 from gpt2_jax.config import GPT2Config
 
 EOT = "<|endoftext|>"

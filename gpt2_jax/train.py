@@ -64,7 +64,8 @@ from gpt2_jax import evaluate as evaluate_lib
 from gpt2_jax import metrics as metrics_lib
 from gpt2_jax import pretrained
 from gpt2_jax import tokenizer as tokenizer_lib
-from gpt2_jax.cli import UserError, check, parse_flags, run
+from gpt2_jax.cli import check, parse_flags, run
+from gpt2_jax.errors import UserError
 from gpt2_jax.config import PRESETS, GPT2Config
 from gpt2_jax.model import chunked_token_nll, forward, init_params
 

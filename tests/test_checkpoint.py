@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gpt2_jax import checkpoint as ckpt
-from gpt2_jax.cli import UserError
+from gpt2_jax.errors import UserError
 from gpt2_jax.model import init_params
 from gpt2_jax.tokenizer import train_tokenizer, tokenizer_fingerprint
 

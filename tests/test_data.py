@@ -8,7 +8,7 @@ import pytest
 
 from gpt2_jax import data
 from gpt2_jax import tokenizer as tokenizer_lib
-from gpt2_jax.cli import UserError
+from gpt2_jax.errors import UserError
 
 SHA256 = {  # ../shared/data/wikitext-2/SHA256SUMS
     "train": "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",

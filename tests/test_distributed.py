@@ -28,7 +28,8 @@ import pytest
 
 from gpt2_jax import checkpoint as ckpt
 from gpt2_jax import data, train
-from gpt2_jax.cli import UserError, parse_flags
+from gpt2_jax.cli import parse_flags
+from gpt2_jax.errors import UserError
 from gpt2_jax.metrics import read_jsonl
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from gpt2_jax import checkpoint as ckpt
-from gpt2_jax.cli import UserError
+from gpt2_jax.errors import UserError
 from gpt2_jax.metrics import read_jsonl
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import transformers
 from flax import traverse_util
 
 from gpt2_jax import forward, hf, init_params
-from gpt2_jax.cli import UserError
+from gpt2_jax.errors import UserError
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.tokenizer import EOT, train_tokenizer
 

@@ -13,7 +13,7 @@ import pytest
 
 from gpt2_jax import memory
 from gpt2_jax import sample as sample_lib
-from gpt2_jax.cli import UserError
+from gpt2_jax.errors import UserError
 from gpt2_jax.model import forward, init_cache, init_params
 from gpt2_jax.sample import (
     _generate_jit,

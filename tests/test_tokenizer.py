@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from gpt2_jax import data
 from gpt2_jax import tokenizer as tokenizer_lib
-from gpt2_jax.cli import UserError
+from gpt2_jax.errors import UserError
 from gpt2_jax.config import GPT2Config
 
 

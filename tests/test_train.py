@@ -24,7 +24,7 @@ import pytest
 
 from gpt2_jax import checkpoint as ckpt
 from gpt2_jax import train
-from gpt2_jax.cli import UserError
+from gpt2_jax.errors import UserError
 from gpt2_jax.metrics import read_jsonl
 from gpt2_jax.model import cross_entropy_loss, forward, init_params
 
