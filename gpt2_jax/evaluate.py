@@ -28,6 +28,7 @@ import numpy as np
 from absl import flags
 
 from gpt2_jax import cli, memory
+from gpt2_jax.errors import UserError
 from gpt2_jax.config import GPT2Config
 
 SPLIT_ALIASES = {"train": "train", "valid": "validation", "validation": "validation", "test": "test"}
