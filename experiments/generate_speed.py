@@ -1,10 +1,10 @@
-"""Decoding speed of ``gpt2_jax.sample.generate``: new tokens/s and compile time.
+"""Decoding speed of ``gpt2_jax.decode.generate``: new tokens/s and compile time.
 
     python experiments/generate_speed.py --size=tiny --new_tokens=100 --long_tokens=512
     python experiments/generate_speed.py --run_dir=runs/tiny     # trained weights instead
 
 Random weights give a nearly uniform next-token distribution (nucleus sets of ~28k tokens); the
-samplers never sort, so their cost does not depend on it (``gpt2_jax.sample._keep_first``).
+samplers never sort, so their cost does not depend on it (``gpt2_jax.decode._keep_first``).
 
 Rows: batch 1 and 8 × greedy and nucleus, within the context; then one long greedy generation per
 sliding-window setting (``slide_keep`` = n_ctx // 2, the default, vs n_ctx, the exact window).
@@ -18,8 +18,8 @@ from absl import flags
 
 from gpt2_jax.cli import parse_flags, run
 from gpt2_jax.config import PRESETS
+from gpt2_jax.bench import time_generate
 from gpt2_jax.model import init_params
-from gpt2_jax.sample import time_generate
 
 
 def main(argv):
@@ -33,7 +33,7 @@ def main(argv):
                         flag_values=fv)
     parse_flags(fv, argv, __doc__)
     if fv.run_dir:
-        from gpt2_jax.checkpoint import load_run
+        from gpt2_jax.pretrained import load_run
         loaded = load_run(fv.run_dir)
         cfg, params, name = loaded.cfg, loaded.params, f"{fv.run_dir} step {loaded.step}"
     else:

@@ -128,8 +128,8 @@ def samples(run_dir: pathlib.Path, *, step: str = "best", max_new_tokens: int = 
     import jax
     import numpy as np
 
-    from gpt2_jax.checkpoint import load_run
-    from gpt2_jax.sample import generate
+    from gpt2_jax.pretrained import load_run
+    from gpt2_jax.decode import generate
     from gpt2_jax.tokenizer import EOT
 
     run = load_run(run_dir, step)

@@ -26,10 +26,12 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 from absl import flags
+from tqdm import tqdm
 
-from gpt2_jax import cli, memory
-from gpt2_jax.errors import UserError
+from gpt2_jax import cli, data, memory, parallel, pretrained, rundir
 from gpt2_jax.config import GPT2Config
+from gpt2_jax.core import AXIS, make_eval_step
+from gpt2_jax.errors import UserError
 
 SPLIT_ALIASES = {"train": "train", "valid": "validation", "validation": "validation", "test": "test"}
 
@@ -71,9 +73,7 @@ class EvalResult:
 
 @functools.lru_cache(maxsize=8)
 def _pmapped_eval_step(cfg: GPT2Config, devices: tuple):
-    from gpt2_jax import train
-
-    return jax.pmap(train.make_eval_step(cfg), axis_name=train.AXIS, devices=devices)
+    return jax.pmap(make_eval_step(cfg), axis_name=AXIS, devices=devices)
 
 
 def score_tokens(params, cfg: GPT2Config, tokens: np.ndarray, *, seq_len: int | None = None,
@@ -88,16 +88,13 @@ def score_tokens(params, cfg: GPT2Config, tokens: np.ndarray, *, seq_len: int | 
     A smaller batch changes only the order of the float32 sums: the result moves in its last digits,
     as between any two batch sizes (2e-8 relative on WikiText-2 validation, 32 vs 4162 windows).
     """
-    from gpt2_jax import train
-    from gpt2_jax.data import eval_batches, eval_windows, num_eval_batches
-
     devices = tuple(jax.local_devices() if devices is None else devices)
     if batch_size % len(devices):
         raise UserError(f"--batch_size={batch_size} is not divisible by the {len(devices)} local devices")
     seq_len = cfg.n_ctx if seq_len is None else seq_len
-    windows = len(eval_windows(len(tokens), seq_len, stride)[0])
+    windows = len(data.eval_windows(len(tokens), seq_len, stride)[0])
     requested, batch_size = batch_size, min(batch_size, math.ceil(windows / len(devices)) * len(devices))
-    p_eval_step, params_N = _pmapped_eval_step(cfg, devices), train.replicate(params, devices)
+    p_eval_step, params_N = _pmapped_eval_step(cfg, devices), parallel.replicate(params, devices)
 
     def compile_for(rows: int):
         shape = (len(devices), rows // len(devices), seq_len)
@@ -110,11 +107,11 @@ def score_tokens(params, cfg: GPT2Config, tokens: np.ndarray, *, seq_len: int | 
         warn(f"a batch of {batch_size} windows does not fit in free memory (--batch_size={requested}); "
              f"scoring {fitting} windows per batch instead")
     batch_size = fitting
-    batches = eval_batches(tokens, seq_len=seq_len, batch_size=batch_size, stride=stride, num_devices=len(devices))
+    batches = data.eval_batches(tokens, seq_len=seq_len, batch_size=batch_size, stride=stride, num_devices=len(devices))
     if progress is not None:
-        batches = progress(batches, total=num_eval_batches(len(tokens), seq_len=seq_len, batch_size=batch_size,
+        batches = progress(batches, total=data.num_eval_batches(len(tokens), seq_len=seq_len, batch_size=batch_size,
                                                            num_devices=len(devices), stride=stride))
-    nll, count = train.evaluate(p_eval_step, params_N, batches)
+    nll, count = parallel.evaluate(p_eval_step, params_N, batches)
     return nll, int(round(count))
 
 
@@ -140,10 +137,8 @@ OUT_OF_MEMORY = "lower --batch_size or --seq_len"  # batches are split to fit: t
 
 
 def _define_flags() -> flags.FlagValues:
-    from gpt2_jax.checkpoint import define_model_flags
-
     fv = flags.FlagValues()
-    define_model_flags(fv, "evaluate")
+    pretrained.define_model_flags(fv, "evaluate")
     flags.DEFINE_enum("split", "test", list(SPLIT_ALIASES), "Split to score (valid is an alias of validation).",
                       flag_values=fv)
     flags.DEFINE_string("data_dir", None,
@@ -168,9 +163,7 @@ def _define_flags() -> flags.FlagValues:
 
 def main(argv: Sequence[str]) -> int:
     fv = cli.parse_flags(_define_flags(), argv, DESCRIPTION)
-    from gpt2_jax.checkpoint import load_model, print_warning
-
-    model = load_model(fv.run_dir, fv.hf_dir, fv.step)
+    model = pretrained.load_model(fv.run_dir, fv.hf_dir, fv.step)
     cfg, params, tokenizer = model.cfg, model.params, model.tokenizer
     step, out_dir = ("hf" if fv.hf_dir else model.step), model.run_dir
     seq_len = fv.seq_len or cfg.n_ctx
@@ -178,21 +171,16 @@ def main(argv: Sequence[str]) -> int:
         raise UserError(f"--seq_len must be between 2 and the model's context {cfg.n_ctx}, got {seq_len}")
     if fv.stride is not None and fv.stride > seq_len:
         raise UserError(f"--stride={fv.stride} must not exceed the window length {seq_len}")
-
-    from gpt2_jax.data import prepare_corpus, quiet_tfds
-
     if not fv.verbose:
-        quiet_tfds()
+        data.quiet_tfds()
     log = None if fv.quiet else functools.partial(print, file=sys.stderr)  # stdout is the JSON line
-    corpus = prepare_corpus(fv.data_dir, tokenizer=tokenizer, log=log)
+    corpus = data.prepare_corpus(fv.data_dir, tokenizer=tokenizer, log=log)
     progress = None
     if not fv.quiet:
-        from tqdm import tqdm
-
         progress = functools.partial(tqdm, desc=f"eval {fv.split}", unit="batch", file=sys.stderr)
     t0 = time.time()
     result = evaluate_split(params, cfg, corpus, fv.split, seq_len=seq_len, batch_size=fv.batch_size,
-                            stride=fv.stride, progress=progress, warn=print_warning)
+                            stride=fv.stride, progress=progress, warn=rundir.print_warning)
     record = {"step": step, **result.to_dict(), "seconds": round(time.time() - t0, 2),
               "source": str(fv.run_dir or fv.hf_dir)}
     suffix = "" if fv.stride is None else f"_stride{fv.stride}"

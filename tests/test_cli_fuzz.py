@@ -17,7 +17,7 @@ import jax
 import pytest
 from absl import flags
 
-from gpt2_jax import bench, checkpoint, cli, convert, data, evaluate, hf, sample, train
+from gpt2_jax import bench, cli, convert, data, evaluate, hf, pretrained, sample, train
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.model import init_params
 from gpt2_jax.tokenizer import train_tokenizer
@@ -138,7 +138,7 @@ def micro_run(tmp_path_factory, wikitext_dir):
     tok = train_tokenizer(lines, vocab_size=V)
     cfg = GPT2Config(vocab_size=V, n_ctx=N_CTX, n_layer=1, d_model=16, n_head=2, d_ff=32)
     params = init_params(cfg, jax.random.PRNGKey(0))
-    return checkpoint.save_params_as_run(tmp_path_factory.mktemp("fuzz") / "run", cfg, params, tok, step=0)
+    return pretrained.save_params_as_run(tmp_path_factory.mktemp("fuzz") / "run", cfg, params, tok, step=0)
 
 
 def _assert_one_line_naming(err: str, name: str) -> None:

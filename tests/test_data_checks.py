@@ -11,8 +11,8 @@ import sys
 import jax
 import pytest
 
-from gpt2_jax import data, evaluate, train
-from gpt2_jax.checkpoint import save_params_as_run
+from gpt2_jax import data, evaluate, loop, train
+from gpt2_jax.pretrained import save_params_as_run
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.model import init_params
 from gpt2_jax.tokenizer import train_tokenizer
@@ -135,7 +135,7 @@ def test_train_and_evaluate_refuse_a_data_dir_that_does_not_exist(cache, tmp_pat
     def no_work(*args, **kwargs):
         raise AssertionError("training or evaluation started on the cached data")
 
-    monkeypatch.setattr(train, "_restore_and_train", no_work)
+    monkeypatch.setattr(loop, "start", no_work)
     monkeypatch.setattr(evaluate, "evaluate_split", no_work)
     monkeypatch.setenv(data.CACHE_ENV, str(cache))  # evaluate reads the default cache
     missing = tmp_path / "no_such"

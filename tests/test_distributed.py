@@ -26,8 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import checkpoint as ckpt
-from gpt2_jax import data, train
+from gpt2_jax import data, parallel, pretrained, rundir, train
 from gpt2_jax.cli import parse_flags
 from gpt2_jax.errors import UserError
 from gpt2_jax.metrics import read_jsonl
@@ -44,11 +43,11 @@ DEADLINE_S = 240
 def test_cluster_task_count_reads_the_srun_and_mpirun_variables_jax_reads_and_is_1_elsewhere():
     srun = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "4", "SLURM_PROCID": "3",
             "SLURM_LOCALID": "1"}
-    assert train.cluster_task_count(srun) == 4
-    assert train.cluster_task_count({k: v for k, v in srun.items() if k != "SLURM_STEP_NODELIST"}) == 1  # no srun
-    assert train.cluster_task_count({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "8"}) == 8
-    assert train.cluster_task_count({"OMPI_COMM_WORLD_SIZE": "8"}) == 1  # not launched by mpirun
-    assert train.cluster_task_count({}) == 1
+    assert parallel.cluster_task_count(srun) == 4
+    assert parallel.cluster_task_count({k: v for k, v in srun.items() if k != "SLURM_STEP_NODELIST"}) == 1  # no srun
+    assert parallel.cluster_task_count({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "8"}) == 8
+    assert parallel.cluster_task_count({"OMPI_COMM_WORLD_SIZE": "8"}) == 1  # not launched by mpirun
+    assert parallel.cluster_task_count({}) == 1
 
 
 def _flags(*argv):
@@ -83,8 +82,8 @@ def test_prefetch_gives_every_batch_in_order_on_the_devices_with_its_position_re
             drawn.append(item[0])
             yield item
 
-    sharding = train.device_sharding()
-    prefetched = train.prefetch_to_devices(counted(), sharding, depth=2)
+    sharding = parallel.device_sharding()
+    prefetched = parallel.prefetch_to_devices(counted(), sharding, depth=2)
     for k, ((want_pos, want), (pos, got)) in enumerate(zip(stream(), prefetched), start=1):
         assert pos == want_pos  # the position that comes with a batch is that batch's, however far ahead it was read
         assert len(drawn) == k + 1  # one batch beyond the one handed out is already on its way
@@ -98,7 +97,7 @@ def test_prefetch_gives_every_batch_in_order_on_the_devices_with_its_position_re
 
 def test_unreplicate_global_is_the_replicated_value_without_the_device_axis_on_every_device():
     tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "count": np.int32(7)}
-    out = train.unreplicate_global(train.replicate(tree))
+    out = parallel.unreplicate_global(parallel.replicate(tree))
     assert out["w"].shape == (2, 3) and out["count"].shape == ()
     for x in jax.tree.leaves(out):
         assert x.sharding.is_fully_replicated and x.sharding.device_set == set(jax.devices())
@@ -164,17 +163,17 @@ def _run(env, run_dir, *flags, processes=1, devices=1, expect_rc=0) -> list[str]
 
 
 def _losses(run_dir):
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(pathlib.Path(run_dir) / ckpt.METRICS_FILE)]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(pathlib.Path(run_dir) / rundir.METRICS_FILE)]
 
 
 def _params(run_dir, step):
-    return jax.device_get(ckpt.load_run(run_dir, step).params)
+    return jax.device_get(pretrained.load_run(run_dir, step).params)
 
 
 def _assert_same_run(run_dir, reference):
     """Every step once with bitwise equal losses, equal evaluations, bitwise equal final parameters."""
     assert _losses(run_dir) == _losses(reference)
-    assert read_jsonl(run_dir / ckpt.EVALS_FILE) == read_jsonl(reference / ckpt.EVALS_FILE)
+    assert read_jsonl(run_dir / rundir.EVALS_FILE) == read_jsonl(reference / rundir.EVALS_FILE)
     chex.assert_trees_all_equal(_params(run_dir, 6), _params(reference, 6))
 
 
@@ -197,7 +196,7 @@ def two_processes(env, tmp_path_factory):
 def test_two_processes_train_bitwise_like_one_process_with_two_devices(one_process, two_processes):
     run_dir, _ = two_processes
     _assert_same_run(run_dir, one_process)
-    assert [(r["split"], r["step"]) for r in read_jsonl(run_dir / ckpt.EVALS_FILE)] == [("validation", 6),
+    assert [(r["split"], r["step"]) for r in read_jsonl(run_dir / rundir.EVALS_FILE)] == [("validation", 6),
                                                                                       ("test", 6)]
 
 
@@ -239,7 +238,7 @@ def test_checkpoint_saved_by_two_processes_resumes_in_one_and_ends_identical(env
                                                                              tmp_path):
     run_dir = tmp_path / "resumed_in_one"
     shutil.copytree(two_processes[0], run_dir)
-    shutil.rmtree(run_dir / ckpt.CHECKPOINT_DIR / "6")  # as if stopped after step 3's checkpoint
+    shutil.rmtree(run_dir / rundir.CHECKPOINT_DIR / "6")  # as if stopped after step 3's checkpoint
     _run(env, run_dir, *SHORT, processes=1, devices=2)
     _assert_same_run(run_dir, one_process)
 
@@ -247,7 +246,7 @@ def test_checkpoint_saved_by_two_processes_resumes_in_one_and_ends_identical(env
 def test_checkpoint_saved_by_one_process_resumes_in_two_and_ends_identical(env, one_process, tmp_path):
     run_dir = tmp_path / "resumed_in_two"
     shutil.copytree(one_process, run_dir)
-    shutil.rmtree(run_dir / ckpt.CHECKPOINT_DIR / "6")
+    shutil.rmtree(run_dir / rundir.CHECKPOINT_DIR / "6")
     _run(env, run_dir, *SHORT, processes=2, devices=1)
     _assert_same_run(run_dir, one_process)
 
@@ -258,7 +257,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(
                    "--log_every=4", processes=2, devices=1)
     deadline = time.time() + DEADLINE_S
     try:
-        while not (run_dir / ckpt.METRICS_FILE).exists() or not _losses(run_dir):  # training is under way
+        while not (run_dir / rundir.METRICS_FILE).exists() or not _losses(run_dir):  # training is under way
             assert all(p.poll() is None for p in procs) and time.time() < deadline
             time.sleep(0.05)
         procs[1].send_signal(signal.SIGTERM)  # only process 1 is told
@@ -271,8 +270,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(
     assert last % 4 == 0 and err1 == ""
     assert err0.strip().splitlines() == [f"stopped by SIGTERM at step {last}: checkpoint saved in {run_dir}; "
                                          f"run the same command to resume"], err0
-    assert sorted(int(p.name) for p in (run_dir / ckpt.CHECKPOINT_DIR).iterdir() if p.name.isdigit()) == [last]
-    assert ckpt.load_run(run_dir).step == last
+    assert sorted(int(p.name) for p in (run_dir / rundir.CHECKPOINT_DIR).iterdir() if p.name.isdigit()) == [last]
+    assert pretrained.load_run(run_dir).step == last
 
 
 def test_sigterm_reaches_both_processes_within_seconds_however_far_apart_log_every_is(env, tmp_path):
@@ -283,7 +282,7 @@ def test_sigterm_reaches_both_processes_within_seconds_however_far_apart_log_eve
                    "--ckpt_minutes=0", "--log_every=1000", processes=2, devices=1)
     deadline = time.time() + DEADLINE_S
     try:
-        while not (run_dir / ckpt.CHECKPOINT_DIR).is_dir():  # made when the checkpoint manager opens
+        while not (run_dir / rundir.CHECKPOINT_DIR).is_dir():  # made when the checkpoint manager opens
             assert all(p.poll() is None for p in procs) and time.time() < deadline, _finish(procs, deadline)
             time.sleep(0.05)
         time.sleep(8)  # compiled and stepping
@@ -296,7 +295,7 @@ def test_sigterm_reaches_both_processes_within_seconds_however_far_apart_log_eve
     assert (rc0, rc1) == (0, 0), (err0, err1)
     last = max(s for s, _, _ in _losses(run_dir))
     assert 0 < last < 1000 and f"stopped by SIGTERM at step {last}" in err0, err0
-    seconds_per_step = 16 * 128 / np.median([r["tokens_per_s"] for r in read_jsonl(run_dir / ckpt.METRICS_FILE)])
+    seconds_per_step = 16 * 128 / np.median([r["tokens_per_s"] for r in read_jsonl(run_dir / rundir.METRICS_FILE)])
     # The next check-in (CHECK_IN_SECONDS = 5 of the slowest process's steps), then the save.
     assert waited < 15 + 3 * seconds_per_step, (waited, seconds_per_step, last)
 

@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import cli, data, evaluate, forward, init_params, memory, train
+from gpt2_jax import cli, data, evaluate, forward, init_params, memory, parallel
 from gpt2_jax import tokenizer as tokenizer_lib
-from gpt2_jax.checkpoint import save_params_as_run
+from gpt2_jax.pretrained import save_params_as_run
 
 from conftest import REPO
 
@@ -67,14 +67,14 @@ def test_result_does_not_depend_on_batch_size(micro_cfg):
 
 def _spy_batches(monkeypatch):
     """Record the (devices, rows, seq_len) shape of every batch ``score_tokens`` scores."""
-    shapes, real = [], train.evaluate
+    shapes, real = [], parallel.evaluate
 
     def spy(p_eval_step, params_N, batches):
         batches = list(batches)
         shapes.extend(b["inputs"].shape for b in batches)
         return real(p_eval_step, params_N, batches)
 
-    monkeypatch.setattr(train, "evaluate", spy)
+    monkeypatch.setattr(parallel, "evaluate", spy)
     return shapes
 
 
@@ -95,7 +95,7 @@ def _bytes_for_rows(params, cfg, rows, seq_len):
     batch = {k: jax.ShapeDtypeStruct(shape, dtype) for k, dtype in
              (("inputs", np.int32), ("targets", np.int32), ("mask", np.float32))}
     p_step = evaluate._pmapped_eval_step(cfg, devices)
-    return memory.bytes_needed(p_step.lower(train.replicate(params, devices), batch).compile())
+    return memory.bytes_needed(p_step.lower(parallel.replicate(params, devices), batch).compile())
 
 
 def test_a_batch_too_large_for_free_memory_is_split_with_a_warning_and_the_same_result(micro_cfg, stream,
@@ -176,7 +176,7 @@ def test_cli_out_of_memory_is_one_line_saying_lower_batch_size_and_leaves_saved_
     def exhausted(*args, **kwargs):
         raise jax.errors.JaxRuntimeError(oom)
 
-    monkeypatch.setattr(train, "evaluate", exhausted)
+    monkeypatch.setattr(parallel, "evaluate", exhausted)
     monkeypatch.setenv("GPT2_JAX_CACHE", str(root / "cache"))
     with pytest.raises(SystemExit) as e:
         cli.run(evaluate.main, ["evaluate", f"--run_dir={root / 'run'}", "--split=test", f"--data_dir={wikitext_dir}",

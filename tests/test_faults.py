@@ -24,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 import pytest
 
+from gpt2_jax import pretrained, rundir
 from gpt2_jax import checkpoint as ckpt
 from gpt2_jax.errors import UserError
 from gpt2_jax.metrics import read_jsonl
@@ -52,7 +53,7 @@ def _finish(cli_env, run_dir, *extra) -> subprocess.CompletedProcess:
 
 
 def _step_records(run_dir):
-    return [tuple(r[k] for k in STEP_FIELDS) for r in read_jsonl(pathlib.Path(run_dir) / ckpt.METRICS_FILE)]
+    return [tuple(r[k] for k in STEP_FIELDS) for r in read_jsonl(pathlib.Path(run_dir) / rundir.METRICS_FILE)]
 
 
 def _last_logged_step(run_dir) -> int:
@@ -61,7 +62,8 @@ def _last_logged_step(run_dir) -> int:
 
 def _state(run_dir, step):
     """Params and optimizer state as saved (no target: the arrays exactly as written)."""
-    manager = ckpt.make_manager(run_dir, read_only=True)
+    # Orbax itself, not our wrapper: the independent reader of what was written.
+    manager = ocp.CheckpointManager(run_dir / rundir.CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(create=False))
     try:
         out = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
                                                             opt_state=ocp.args.StandardRestore()))
@@ -74,10 +76,10 @@ def _assert_same_run(run_dir, reference):
     """Every step once with the reference's values; same evaluations; same final state, bit for bit."""
     assert _step_records(run_dir) == _step_records(reference)
     assert [r[0] for r in _step_records(run_dir)] == list(range(1, 101))
-    assert read_jsonl(run_dir / ckpt.EVALS_FILE) == read_jsonl(reference / ckpt.EVALS_FILE)
+    assert read_jsonl(run_dir / rundir.EVALS_FILE) == read_jsonl(reference / rundir.EVALS_FILE)
     chex.assert_trees_all_equal(_state(run_dir, 100), _state(reference, 100))
-    assert ckpt.complete_steps(run_dir / ckpt.CHECKPOINT_DIR) == ckpt.complete_steps(reference / ckpt.CHECKPOINT_DIR)
-    assert not (run_dir / ckpt.CORRUPT_DIR).exists(), "a committed checkpoint was damaged"
+    assert ckpt.complete_steps(run_dir / rundir.CHECKPOINT_DIR) == ckpt.complete_steps(reference / rundir.CHECKPOINT_DIR)
+    assert not (run_dir / rundir.CORRUPT_DIR).exists(), "a committed checkpoint was damaged"
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def _new_entries(folder: pathlib.Path, since_ns: int, pattern: str) -> list[str]
 def _wait_and_kill(proc, run_dir, mode, delay, deadline=120.0):
     """Kill ``proc`` with SIGKILL: after ``delay`` s ("anytime"), as soon as a checkpoint starts being
     written ("mid_save"), or as soon as one is complete ("after_save"). Returns False if it ended first."""
-    checkpoints = run_dir / ckpt.CHECKPOINT_DIR
+    checkpoints = run_dir / rundir.CHECKPOINT_DIR
     start_ns, t0 = time.time_ns() - 10**9, time.monotonic()  # ctime has coarse ticks: look 1 s back
     before = set(ckpt.complete_steps(checkpoints))
     while proc.poll() is None:
@@ -141,7 +143,7 @@ def test_killed_at_random_moments_and_rerun_each_time_ends_bitwise_identical_to_
         if not _wait_and_kill(proc, run_dir, mode, delay):
             assert proc.returncode == 0, proc.stderr.read()[-3000:]
             break
-        partial = _new_entries(run_dir / ckpt.CHECKPOINT_DIR, 0, r"\d+\.orbax-checkpoint-tmp.*")
+        partial = _new_entries(run_dir / rundir.CHECKPOINT_DIR, 0, r"\d+\.orbax-checkpoint-tmp.*")
         kills.append({"mode": mode, "after_s": round(delay, 2) if mode == "anytime" else None,
                       "last_logged_step": _last_logged_step(run_dir) if run_dir.exists() else 0,
                       "partial_checkpoint_left": bool(partial)})
@@ -151,7 +153,7 @@ def test_killed_at_random_moments_and_rerun_each_time_ends_bitwise_identical_to_
     assert len(kills) >= 12, kills
     assert any(k["partial_checkpoint_left"] for k in kills), "no kill landed in the middle of a save"
     _assert_same_run(run_dir, reference)
-    assert not _new_entries(run_dir / ckpt.CHECKPOINT_DIR, 0, r".*orbax-checkpoint-tmp.*")  # leftovers cleaned
+    assert not _new_entries(run_dir / rundir.CHECKPOINT_DIR, 0, r".*orbax-checkpoint-tmp.*")  # leftovers cleaned
 
 
 # ---------------------------------------------------------------- one process per run directory
@@ -164,7 +166,7 @@ def test_a_second_process_on_a_run_dir_in_use_is_refused_and_a_killed_holder_lea
     while not _step_records(run_dir):  # training under way
         assert holder.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    files = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != ckpt.METRICS_FILE}
+    files = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != rundir.METRICS_FILE}
     second = subprocess.run(_cmd(run_dir, "--max_steps=100000", "--ckpt_every=100000", "--eval_every=100000"),
                             env=cli_env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2
@@ -176,26 +178,26 @@ def test_a_second_process_on_a_run_dir_in_use_is_refused_and_a_killed_holder_lea
     assert {p: p.stat().st_mtime_ns for p in files} == files
     holder.kill()
     holder.wait()
-    with ckpt.locked_run_dir(run_dir):  # the kernel dropped the dead holder's lock
-        assert json.loads((run_dir / ckpt.LOCK_FILE).read_text())["pid"] == os.getpid()
+    with rundir.locked_run_dir(run_dir):  # the kernel dropped the dead holder's lock
+        assert json.loads((run_dir / rundir.LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
 def test_lock_is_exclusive_released_on_exit_and_a_directory_it_created_for_nothing_is_removed(tmp_path):
     fresh = tmp_path / "fresh"
-    with ckpt.locked_run_dir(fresh):
+    with rundir.locked_run_dir(fresh):
         with pytest.raises(UserError, match=rf"is in use by another training process \(pid {os.getpid()} on "):
-            with ckpt.locked_run_dir(fresh):
+            with rundir.locked_run_dir(fresh):
                 pass
     assert not fresh.exists()  # created, nothing written: gone again
     kept = tmp_path / "kept"
-    with ckpt.locked_run_dir(kept):
+    with rundir.locked_run_dir(kept):
         (kept / "run.json").write_text("{}")
-    with ckpt.locked_run_dir(kept):  # released: can be taken again
+    with rundir.locked_run_dir(kept):  # released: can be taken again
         pass
-    assert sorted(p.name for p in kept.iterdir()) == ["run.json", ckpt.LOCK_FILE]
+    assert sorted(p.name for p in kept.iterdir()) == ["run.json", rundir.LOCK_FILE]
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="is a file, not a directory"):
-        with ckpt.locked_run_dir(tmp_path / "file"):
+        with rundir.locked_run_dir(tmp_path / "file"):
             pass
 
 
@@ -220,20 +222,20 @@ def test_a_full_disk_stops_with_one_line_keeps_the_last_checkpoint_and_the_rerun
     run_dir = tmp_path / "full"
     proc = _start(cli_env, run_dir, prefix=IGNORE_SIGXFSZ)
     deadline = time.monotonic() + 120
-    while 5 not in ckpt.complete_steps(run_dir / ckpt.CHECKPOINT_DIR):
+    while 5 not in ckpt.complete_steps(run_dir / rundir.CHECKPOINT_DIR):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.001)
-    limit = 40_000 if what == "checkpoint" else (run_dir / ckpt.METRICS_FILE).stat().st_size
+    limit = 40_000 if what == "checkpoint" else (run_dir / rundir.METRICS_FILE).stat().st_size
     resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
-    where = (rf"a checkpoint in {re.escape(str(run_dir / ckpt.CHECKPOINT_DIR))}" if what == "checkpoint"
-             else f"to {re.escape(str(run_dir / ckpt.METRICS_FILE))}")
+    where = (rf"a checkpoint in {re.escape(str(run_dir / rundir.CHECKPOINT_DIR))}" if what == "checkpoint"
+             else f"to {re.escape(str(run_dir / rundir.METRICS_FILE))}")
     m = re.fullmatch(rf"error: cannot write {where} \(File too large\){INTACT}", err)
     assert m, err
     intact = int(m.group(1))
-    assert intact == max(ckpt.complete_steps(run_dir / ckpt.CHECKPOINT_DIR))
-    assert ckpt.load_run(run_dir, intact).step == intact  # readable, checksums verified
+    assert intact == max(ckpt.complete_steps(run_dir / rundir.CHECKPOINT_DIR))
+    assert pretrained.load_run(run_dir, intact).step == intact  # readable, checksums verified
     _finish(cli_env, run_dir)  # space is back: the same command resumes
     _assert_same_run(run_dir, reference)
 
@@ -272,11 +274,11 @@ def test_a_checkpoint_folder_turned_unwritable_while_saving_stops_with_one_line_
     p = subprocess.run([sys.executable, "-c", READ_ONLY_FROM_STEP_10, *_cmd(run_dir)[3:]], env=cli_env, cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr[-3000:]
-    m = re.fullmatch(rf"error: cannot write a checkpoint in {re.escape(str(run_dir / ckpt.CHECKPOINT_DIR))} "
+    m = re.fullmatch(rf"error: cannot write a checkpoint in {re.escape(str(run_dir / rundir.CHECKPOINT_DIR))} "
                      rf"\(Permission denied\){INTACT}", p.stderr)
     assert m and int(m.group(1)) == 5, p.stderr
     assert time.monotonic() - t0 < 60, "Orbax's stuck save threads kept the failed process alive"
-    assert ckpt.complete_steps(run_dir / ckpt.CHECKPOINT_DIR) == [5]
-    assert ckpt.load_run(run_dir, 5).step == 5
+    assert ckpt.complete_steps(run_dir / rundir.CHECKPOINT_DIR) == [5]
+    assert pretrained.load_run(run_dir, 5).step == 5
     _finish(cli_env, run_dir)
     _assert_same_run(run_dir, reference)

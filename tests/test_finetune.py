@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers
 
+from gpt2_jax import pretrained, rundir
 from gpt2_jax import checkpoint as ckpt
 from gpt2_jax import data
 from gpt2_jax.metrics import read_jsonl
@@ -60,7 +61,7 @@ def finetuned(cli_env, hf_dir, tmp_path_factory) -> pathlib.Path:
 
 
 def test_step_0_evaluation_equals_evaluate_of_path_and_training_improves_on_it(cli_env, hf_dir, finetuned):
-    evals = read_jsonl(finetuned / ckpt.EVALS_FILE)
+    evals = read_jsonl(finetuned / rundir.EVALS_FILE)
     assert [(r["split"], r["step"]) for r in evals] == [("validation", 0), ("validation", 10),
                                                       ("validation", 20), ("test", 20)]
     p = _run(cli_env, "evaluate", f"--hf_dir={hf_dir}", "--split=valid", "--batch_size=64", "--quiet")
@@ -73,13 +74,13 @@ def test_step_0_evaluation_equals_evaluate_of_path_and_training_improves_on_it(c
 
 
 def test_finetuning_takes_path_model_and_tokenizer_and_records_them_with_its_defaults(hf_dir, finetuned):
-    record = json.loads((finetuned / ckpt.RUN_FILE).read_text())
+    record = json.loads((finetuned / rundir.RUN_FILE).read_text())
     assert (record["model"]["n_layer"], record["model"]["d_model"], record["model"]["vocab_size"],
             record["model"]["n_ctx"]) == (2, 32, V, N_CTX)
     assert record["init_from"]["path"] == str(hf_dir.resolve()) and record["init_from"]["kind"] == "hf"
     assert record["init_from"]["finetune_defaults"] == ["lr", "epochs"]
     assert record["train"]["lr"] == 1e-4 and record["train"]["epochs"] == 1
-    assert load_tokenizer(finetuned / ckpt.TOKENIZER_FILE).to_str() == load_tokenizer(hf_dir / "tokenizer.json").to_str()
+    assert load_tokenizer(finetuned / rundir.TOKENIZER_FILE).to_str() == load_tokenizer(hf_dir / "tokenizer.json").to_str()
     assert record["init_from"]["tokenizer"] == record["tokenizer"]
 
 
@@ -87,10 +88,10 @@ def test_a_run_directory_works_as_path_too_and_starts_from_its_checkpoint(cli_en
     run_dir = tmp_path / "from_run"
     _train(cli_env, run_dir, f"--init_from={finetuned}", "--init_step=10", *COMMON, "--max_steps=5",
            "--lr=3e-4", "--eval_every=100")
-    evals = read_jsonl(run_dir / ckpt.EVALS_FILE)
-    at_10 = next(r for r in read_jsonl(finetuned / ckpt.EVALS_FILE) if r["step"] == 10)
+    evals = read_jsonl(run_dir / rundir.EVALS_FILE)
+    at_10 = next(r for r in read_jsonl(finetuned / rundir.EVALS_FILE) if r["step"] == 10)
     assert evals[0]["step"] == 0 and evals[0]["loss"] == at_10["loss"]  # the source's own step-10 validation
-    record = json.loads((run_dir / ckpt.RUN_FILE).read_text())
+    record = json.loads((run_dir / rundir.RUN_FILE).read_text())
     assert record["init_from"]["kind"] == "run" and record["init_from"]["step"] == 10
     assert record["init_from"]["finetune_defaults"] == ["epochs"] and record["train"]["lr"] == 3e-4
 
@@ -101,19 +102,19 @@ def test_finetuning_killed_with_sigkill_and_rerun_ends_bitwise_identical(cli_env
     proc = subprocess.Popen(cmd, env=cli_env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 240
-    while not (run_dir / ckpt.CHECKPOINT_DIR / "10").is_dir():
+    while not (run_dir / rundir.CHECKPOINT_DIR / "10").is_dir():
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
         assert time.time() < deadline
         time.sleep(0.01)
     proc.kill()
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert ckpt.complete_steps(run_dir / ckpt.CHECKPOINT_DIR)[-1] < 20, "killed too late to test anything"
+    assert ckpt.complete_steps(run_dir / rundir.CHECKPOINT_DIR)[-1] < 20, "killed too late to test anything"
     _train(cli_env, run_dir, f"--init_from={hf_dir}", *FLAGS)  # resumes its own checkpoint, not PATH's weights
     strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]  # noqa: E731
-    assert strip(read_jsonl(run_dir / ckpt.METRICS_FILE)) == strip(read_jsonl(finetuned / ckpt.METRICS_FILE))
-    assert read_jsonl(run_dir / ckpt.EVALS_FILE) == read_jsonl(finetuned / ckpt.EVALS_FILE)
-    a, b = ckpt.load_run(finetuned, 20), ckpt.load_run(run_dir, 20)
+    assert strip(read_jsonl(run_dir / rundir.METRICS_FILE)) == strip(read_jsonl(finetuned / rundir.METRICS_FILE))
+    assert read_jsonl(run_dir / rundir.EVALS_FILE) == read_jsonl(finetuned / rundir.EVALS_FILE)
+    a, b = pretrained.load_run(finetuned, 20), pretrained.load_run(run_dir, 20)
     chex.assert_trees_all_equal(jax.device_get(a.params), jax.device_get(b.params))
 
 
@@ -122,7 +123,7 @@ def test_a_shorter_context_keeps_the_first_positions(cli_env, hf_dir, tmp_path):
     p = _train(cli_env, run_dir, f"--init_from={hf_dir}", "--n_ctx=16", *COMMON, "--max_steps=2",
                "--eval_every=100", "--noquiet")
     assert "at context 16, its first 16 of 32 positions" in p.stderr, p.stderr[-2000:]
-    wpe = ckpt.load_run(run_dir).params["wpe"]["embedding"]
+    wpe = pretrained.load_run(run_dir).params["wpe"]["embedding"]
     assert wpe.shape == (16, 32)
     path_wpe = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).transformer.wpe.weight.detach().numpy()
     assert not np.array_equal(np.asarray(wpe), path_wpe[:16])  # trained for 2 steps from those rows

@@ -23,7 +23,7 @@ import optax
 import pytest
 
 from gpt2_jax import checkpoint as ckpt
-from gpt2_jax import train
+from gpt2_jax import core, pretrained, rundir, train
 from gpt2_jax.errors import UserError
 from gpt2_jax.metrics import read_jsonl
 from gpt2_jax.model import cross_entropy_loss, forward, init_params
@@ -36,7 +36,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def test_decay_mask_decays_kernels_and_embeddings_but_not_biases_or_layernorm(micro_cfg):
     params = init_params(micro_cfg, jax.random.key(0))
     flat = {"/".join(k.key for k in path): v
-            for path, v in jax.tree_util.tree_leaves_with_path(train.decay_mask(params))}
+            for path, v in jax.tree_util.tree_leaves_with_path(core.decay_mask(params))}
     decayed = sorted(k for k, v in flat.items() if v)
     kept = sorted(k for k, v in flat.items() if not v)
     assert decayed == sorted(["wte/embedding", "wpe/embedding"] + [
@@ -46,10 +46,10 @@ def test_decay_mask_decays_kernels_and_embeddings_but_not_biases_or_layernorm(mi
 
 
 def test_adamw_weight_decay_shrinks_matrices_and_leaves_biases_and_layernorm_untouched(micro_cfg):
-    cfg = train.TrainConfig(lr=0.01, warmup_steps=0, weight_decay=0.5, grad_clip=1.0)
+    cfg = core.TrainConfig(lr=0.01, warmup_steps=0, weight_decay=0.5, grad_clip=1.0)
     params = init_params(micro_cfg, jax.random.key(0))
     params = jax.tree.map(lambda p: p + 1.0, params)  # LayerNorm biases start at 0: make decay visible
-    opt = train.make_optimizer(cfg, num_steps=10)
+    opt = core.make_optimizer(cfg, num_steps=10)
     # Zero gradients: Adam's step is exactly 0, so whatever changes is weight decay alone.
     updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
     new = optax.apply_updates(params, updates)
@@ -64,21 +64,21 @@ def test_adamw_weight_decay_shrinks_matrices_and_leaves_biases_and_layernorm_unt
 
 
 def test_schedule_warms_up_linearly_to_the_peak_then_cosine_decays_to_the_final_fraction():
-    cfg = train.TrainConfig(lr=1e-3, warmup_steps=10, final_lr_fraction=0.1)
-    lr = train.make_schedule(cfg, 110)
+    cfg = core.TrainConfig(lr=1e-3, warmup_steps=10, final_lr_fraction=0.1)
+    lr = core.make_schedule(cfg, 110)
     np.testing.assert_allclose([lr(0), lr(5), lr(10)], [0.0, 5e-4, 1e-3], rtol=1e-6)
     np.testing.assert_allclose(lr(60), (1e-3 + 1e-4) / 2, rtol=1e-5)  # cosine midpoint
     np.testing.assert_allclose([lr(110), lr(500)], [1e-4, 1e-4], rtol=1e-6)
     decay = np.array([lr(s) for s in range(10, 111)])
     assert np.all(np.diff(decay) < 0)
     with pytest.raises(ValueError, match="warmup_steps=10 must be smaller than the 10 training steps"):
-        train.make_schedule(cfg, 10)
+        core.make_schedule(cfg, 10)
 
 
 def test_total_steps_is_all_epochs_unless_max_steps_comes_first():
-    assert train.total_steps(train.TrainConfig(epochs=5), 600) == 3000
-    assert train.total_steps(train.TrainConfig(epochs=5, max_steps=200), 600) == 200
-    assert train.total_steps(train.TrainConfig(epochs=1, max_steps=9000), 600) == 600
+    assert core.total_steps(core.TrainConfig(epochs=5), 600) == 3000
+    assert core.total_steps(core.TrainConfig(epochs=5, max_steps=200), 600) == 200
+    assert core.total_steps(core.TrainConfig(epochs=1, max_steps=9000), 600) == 600
 
 
 # ---------------------------------------------------------------- the step
@@ -94,10 +94,10 @@ def _batch(cfg, B=4, seed=0):
 
 def test_train_step_loss_is_the_masked_mean_and_masked_targets_change_nothing(micro_cfg):
     cfg = micro_cfg.replace(dropout=0.0, attn_dropout=0.0)
-    tcfg = train.TrainConfig(lr=1e-3, warmup_steps=1)
-    opt = train.make_optimizer(tcfg, 10)
-    state = train.init_train_state(cfg, opt, jax.random.PRNGKey(0))
-    step = jax.jit(train.make_train_step(cfg, opt, train.make_schedule(tcfg, 10), axis_name=None))
+    tcfg = core.TrainConfig(lr=1e-3, warmup_steps=1)
+    opt = core.make_optimizer(tcfg, 10)
+    state = core.init_train_state(cfg, opt, jax.random.PRNGKey(0))
+    step = jax.jit(core.make_train_step(cfg, opt, core.make_schedule(tcfg, 10), axis_name=None))
     batch = _batch(cfg)
     new, m = step(state, batch, jax.random.PRNGKey(1))
     want = cross_entropy_loss(forward(state.params, cfg, batch["inputs"]), batch["targets"], batch["mask"])
@@ -111,11 +111,11 @@ def test_train_step_loss_is_the_masked_mean_and_masked_targets_change_nothing(mi
 
 def test_pmapped_step_on_one_device_matches_the_plain_step_bitwise(micro_cfg):
     cfg = micro_cfg  # dropout on: the one device holds global rows 0..B-1, the plain step's rows
-    tcfg = train.TrainConfig(lr=1e-3, warmup_steps=1)
-    opt, schedule = train.make_optimizer(tcfg, 10), train.make_schedule(tcfg, 10)
-    state = train.init_train_state(cfg, opt, jax.random.PRNGKey(0))
-    plain = jax.jit(train.make_train_step(cfg, opt, schedule, axis_name=None))
-    p_step = jax.pmap(train.make_train_step(cfg, opt, schedule), axis_name=train.AXIS, in_axes=(0, 0, None))
+    tcfg = core.TrainConfig(lr=1e-3, warmup_steps=1)
+    opt, schedule = core.make_optimizer(tcfg, 10), core.make_schedule(tcfg, 10)
+    state = core.init_train_state(cfg, opt, jax.random.PRNGKey(0))
+    plain = jax.jit(core.make_train_step(cfg, opt, schedule, axis_name=None))
+    p_step = jax.pmap(core.make_train_step(cfg, opt, schedule), axis_name=core.AXIS, in_axes=(0, 0, None))
     batch, rng = _batch(cfg), jax.random.PRNGKey(1)
     s1, m1 = plain(state, batch, rng)
     s1, m1 = plain(s1, _batch(cfg, seed=1), rng)
@@ -128,16 +128,16 @@ def test_pmapped_step_on_one_device_matches_the_plain_step_bitwise(micro_cfg):
 
 def test_dropout_is_reproducible_and_differs_per_step_and_per_row_not_per_device_split(micro_cfg):
     rng = jax.random.PRNGKey(7)
-    k3, k4 = np.asarray(train.example_keys(rng, 3, 0, 6)), np.asarray(train.example_keys(rng, 4, 0, 6))
-    np.testing.assert_array_equal(k3, np.asarray(train.example_keys(rng, 3, 0, 6)))
+    k3, k4 = np.asarray(core.example_keys(rng, 3, 0, 6)), np.asarray(core.example_keys(rng, 4, 0, 6))
+    np.testing.assert_array_equal(k3, np.asarray(core.example_keys(rng, 3, 0, 6)))
     assert len({tuple(k) for k in k3} | {tuple(k) for k in k4}) == 12  # 6 rows x 2 steps, all distinct
     # A device holding global rows 2..5 draws exactly those rows' keys.
-    np.testing.assert_array_equal(np.asarray(train.example_keys(rng, 3, 2, 4)), k3[2:])
+    np.testing.assert_array_equal(np.asarray(core.example_keys(rng, 3, 2, 4)), k3[2:])
     # And the step really draws from it: same step -> same loss, next step -> other dropout masks.
-    tcfg = train.TrainConfig(lr=1e-3, warmup_steps=1)
-    opt = train.make_optimizer(tcfg, 10)
-    state = train.init_train_state(micro_cfg, opt, jax.random.PRNGKey(0))
-    step = jax.jit(train.make_train_step(micro_cfg, opt, train.make_schedule(tcfg, 10), axis_name=None))
+    tcfg = core.TrainConfig(lr=1e-3, warmup_steps=1)
+    opt = core.make_optimizer(tcfg, 10)
+    state = core.init_train_state(micro_cfg, opt, jax.random.PRNGKey(0))
+    step = jax.jit(core.make_train_step(micro_cfg, opt, core.make_schedule(tcfg, 10), axis_name=None))
     batch = _batch(micro_cfg)
     _, a = step(state, batch, rng)
     _, b = step(state, batch, rng)
@@ -148,7 +148,7 @@ def test_dropout_is_reproducible_and_differs_per_step_and_per_row_not_per_device
 def test_eval_step_sums_give_the_exact_masked_mean(micro_cfg):
     params = init_params(micro_cfg, jax.random.key(0))
     batch = _batch(micro_cfg)
-    out = jax.jit(train.make_eval_step(micro_cfg, axis_name=None))(params, batch)
+    out = jax.jit(core.make_eval_step(micro_cfg, axis_name=None))(params, batch)
     want = cross_entropy_loss(forward(params, micro_cfg, batch["inputs"]), batch["targets"], batch["mask"])
     assert float(out["tokens"]) == 56.0
     np.testing.assert_allclose(out["nll_sum"] / out["tokens"], want, rtol=1e-6)
@@ -187,11 +187,11 @@ def _train(cli_env, run_dir, *flags, devices=1, expect_rc=0):
 
 
 def _losses(run_dir):
-    return [(r["step"], r["loss"]) for r in read_jsonl(pathlib.Path(run_dir) / ckpt.METRICS_FILE)]
+    return [(r["step"], r["loss"]) for r in read_jsonl(pathlib.Path(run_dir) / rundir.METRICS_FILE)]
 
 
 def _steps(run_dir):
-    return ckpt.complete_steps(pathlib.Path(run_dir) / ckpt.CHECKPOINT_DIR)
+    return ckpt.complete_steps(pathlib.Path(run_dir) / rundir.CHECKPOINT_DIR)
 
 
 RESUME_FLAGS = ("--max_steps=150", "--ckpt_every=10", "--eval_every=50")
@@ -208,15 +208,15 @@ def finished_run(cli_env, tmp_path_factory):
 
 def test_uninterrupted_run_writes_every_step_evaluations_plot_and_keeps_newest_plus_best(finished_run):
     assert [s for s, _ in _losses(finished_run)] == list(range(1, 151))
-    evals = read_jsonl(finished_run / ckpt.EVALS_FILE)
+    evals = read_jsonl(finished_run / rundir.EVALS_FILE)
     assert [(r["split"], r["step"]) for r in evals] == [("validation", 50), ("validation", 100),
                                                       ("validation", 150), ("test", 150)]
     val = [r["loss"] for r in evals if r["split"] == "validation"]
     assert val[0] > val[1] > val[2] and val[2] < math.log(512) - 0.5  # it learns
     best = 50 + 50 * int(np.argmin(val))
     assert _steps(finished_run) == sorted({130, 140, 150, best})  # --keep=3 newest + best
-    assert (finished_run / ckpt.PLOT_FILE).stat().st_size > 10_000
-    assert ckpt.load_run(finished_run, "best").step == best
+    assert (finished_run / rundir.PLOT_FILE).stat().st_size > 10_000
+    assert pretrained.load_run(finished_run, "best").step == best
 
 
 def test_run_killed_with_sigkill_and_rerun_ends_bitwise_identical_to_the_uninterrupted_run(
@@ -225,7 +225,7 @@ def test_run_killed_with_sigkill_and_rerun_ends_bitwise_identical_to_the_uninter
     proc = subprocess.Popen(_cmd(run_dir, *RESUME_FLAGS), env=_env(cli_env, 1), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while not (run_dir / ckpt.CHECKPOINT_DIR / "30").is_dir():
+    while not (run_dir / rundir.CHECKPOINT_DIR / "30").is_dir():
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
         assert time.time() < deadline
         time.sleep(0.02)
@@ -236,25 +236,25 @@ def test_run_killed_with_sigkill_and_rerun_ends_bitwise_identical_to_the_uninter
     assert killed_at < 150, "killed too late to test anything"
     _train(cli_env, run_dir, *RESUME_FLAGS)
     assert _losses(run_dir) == _losses(finished_run)  # every step once, bitwise equal losses
-    a, b = ckpt.load_run(finished_run, 150), ckpt.load_run(run_dir, 150)
+    a, b = pretrained.load_run(finished_run, 150), pretrained.load_run(run_dir, 150)
     chex.assert_trees_all_equal(jax.device_get(a.params), jax.device_get(b.params))
-    assert read_jsonl(run_dir / ckpt.EVALS_FILE) == read_jsonl(finished_run / ckpt.EVALS_FILE)
+    assert read_jsonl(run_dir / rundir.EVALS_FILE) == read_jsonl(finished_run / rundir.EVALS_FILE)
 
 
 def test_unreadable_latest_checkpoint_is_reported_once_set_aside_and_the_run_redone_from_the_previous(
         cli_env, finished_run, tmp_path):
     run_dir = tmp_path / "damaged"
     shutil.copytree(finished_run, run_dir)
-    for f in (run_dir / ckpt.CHECKPOINT_DIR / "150" / "params" / "d").iterdir():
+    for f in (run_dir / rundir.CHECKPOINT_DIR / "150" / "params" / "d").iterdir():
         os.truncate(f, os.path.getsize(f) // 2)
     p = _train(cli_env, run_dir, *RESUME_FLAGS)
     lines = p.stderr.splitlines()
     assert len(lines) == 2 and lines[1].startswith("done: 150 steps"), p.stderr  # one warning, nothing else
     assert lines[0].startswith("warning: checkpoint ") and "checkpoints/150 is unreadable" in lines[0], p.stderr
-    assert [d.name.split("-")[0] for d in (run_dir / ckpt.CORRUPT_DIR).iterdir()] == ["150"]  # kept, not deleted
+    assert [d.name.split("-")[0] for d in (run_dir / rundir.CORRUPT_DIR).iterdir()] == ["150"]  # kept, not deleted
     assert _losses(run_dir) == _losses(finished_run)
-    chex.assert_trees_all_equal(jax.device_get(ckpt.load_run(run_dir).params),
-                                jax.device_get(ckpt.load_run(finished_run).params))
+    chex.assert_trees_all_equal(jax.device_get(pretrained.load_run(run_dir).params),
+                                jax.device_get(pretrained.load_run(finished_run).params))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -264,7 +264,7 @@ def test_sigterm_or_sigint_saves_a_checkpoint_at_the_current_step_and_exits_clea
                             env=_env(cli_env, 1), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 240
-    while not (run_dir / ckpt.METRICS_FILE).exists() or not _losses(run_dir):  # training is under way
+    while not (run_dir / rundir.METRICS_FILE).exists() or not _losses(run_dir):  # training is under way
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
     proc.send_signal(sig)
@@ -274,7 +274,7 @@ def test_sigterm_or_sigint_saves_a_checkpoint_at_the_current_step_and_exits_clea
     assert err.strip().splitlines() == [f"stopped by {sig.name} at step {last}: checkpoint saved in {run_dir}; "
                                         f"run the same command to resume"], err
     assert _steps(run_dir) == [last]  # the only save: --ckpt_every was never reached
-    assert ckpt.load_run(run_dir).step == last
+    assert pretrained.load_run(run_dir).step == last
 
 
 # A model whose step takes ~0.1-0.3 s on 2 CPU cores (the micro model's takes milliseconds).
@@ -303,8 +303,8 @@ def test_sigterm_is_acted_on_after_the_step_in_flight_not_after_a_queue_of_log_e
     err = (err + proc.stderr.read()).decode()
     assert proc.returncode == 0, err[-2000:]
     last = max(s for s, _ in _losses(run_dir))
-    assert f"stopped by SIGTERM at step {last}: checkpoint saved" in err and ckpt.load_run(run_dir).step == last
-    seconds_per_step = 16 * 128 / np.median([r["tokens_per_s"] for r in read_jsonl(run_dir / ckpt.METRICS_FILE)])
+    assert f"stopped by SIGTERM at step {last}: checkpoint saved" in err and pretrained.load_run(run_dir).step == last
+    seconds_per_step = 16 * 128 / np.median([r["tokens_per_s"] for r in read_jsonl(run_dir / rundir.METRICS_FILE)])
     # At most the step in flight and the one queued behind it, then the save and the exit.
     assert waited < 10 + 3 * seconds_per_step, (waited, seconds_per_step, last)
 
@@ -314,9 +314,9 @@ def test_a_short_first_run_gets_a_warmup_that_fits_and_its_bar_shows_the_steps_i
     flags = [f for f in _cmd(run_dir, "--max_steps=20", "--noquiet") if not f.startswith("--warmup_steps")]
     p = subprocess.run(flags, env=_env(cli_env, 1), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    record = json.loads((run_dir / ckpt.RUN_FILE).read_text())
+    record = json.loads((run_dir / rundir.RUN_FILE).read_text())
     assert record["warmup_steps"] == 2 and record["train"]["warmup_steps"] is None  # a tenth of 20 steps
-    lrs = [r["lr"] for r in read_jsonl(run_dir / ckpt.METRICS_FILE)]
+    lrs = [r["lr"] for r in read_jsonl(run_dir / rundir.METRICS_FILE)]
     np.testing.assert_allclose(lrs[:3], [0.0, 1.5e-3, 3e-3], rtol=1e-6)  # 2 warmup steps to --lr=3e-3
     # 20 steps of a ~4,400-step epoch: one epoch, 20 steps, not "epoch 1/5 ... /4400".
     assert "epoch 1/1" in p.stderr and "/20 " in p.stderr and "epoch 1/5" not in p.stderr, p.stderr[-2000:]
@@ -328,7 +328,7 @@ def test_a_short_first_run_gets_a_warmup_that_fits_and_its_bar_shows_the_steps_i
 
 _EVAL_ON_TWO_DEVICES = """
 import jax, numpy as np
-from gpt2_jax import train
+from gpt2_jax import core, parallel
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.model import init_params
 cfg = GPT2Config.preset("tiny")
@@ -336,8 +336,8 @@ assert jax.local_device_count() == 2
 params = init_params(cfg, jax.random.PRNGKey(0))
 tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (120, 2, 1, 129)).astype(np.int32)
 batches = ({"inputs": t[..., :-1], "targets": t[..., 1:], "mask": np.ones((2, 1, 128), np.float32)} for t in tokens)
-nll, n = train.evaluate(jax.pmap(train.make_eval_step(cfg), axis_name=train.AXIS), train.replicate(params), batches)
-one = jax.jit(train.make_eval_step(cfg, axis_name=None))  # the same rows on one device
+nll, n = parallel.evaluate(jax.pmap(core.make_eval_step(cfg), axis_name=core.AXIS), parallel.replicate(params), batches)
+one = jax.jit(core.make_eval_step(cfg, axis_name=None))  # the same rows on one device
 want = sum(float(one(params, {"inputs": t[..., :-1].reshape(2, 128), "targets": t[..., 1:].reshape(2, 128),
                               "mask": np.ones((2, 128), np.float32)})["nll_sum"]) for t in tokens)
 print(n, nll, want)
@@ -364,7 +364,7 @@ def test_nan_loss_stops_with_exit_2_one_line_and_keeps_the_last_good_checkpoint(
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.startswith("error: training diverged at step 2 ") and "step 1, is kept" in p.stderr, p.stderr
     assert _steps(run_dir) == [1]
-    run = ckpt.load_run(run_dir)
+    run = pretrained.load_run(run_dir)
     assert run.step == 1 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(run.params))
 
 
@@ -376,7 +376,7 @@ def test_two_and_four_devices_match_one_device_and_a_two_device_run_resumes_on_o
         runs[n] = tmp_path / f"dev{n}"
         _train(cli_env, runs[n], *flags, devices=n)
     ref_losses = np.array([loss for _, loss in _losses(runs[1])])
-    ref = jax.device_get(ckpt.load_run(runs[1], 6).params)
+    ref = jax.device_get(pretrained.load_run(runs[1], 6).params)
     # Each device sums its rows and the sums are all-reduced, so only the float summation order
     # differs from one device. Measured on this CPU (without dropout, before dropout keys followed
     # the row): losses within 2.4e-7 relative, parameters after 6 Adam steps within 1.7e-6 absolute
@@ -384,14 +384,14 @@ def test_two_and_four_devices_match_one_device_and_a_two_device_run_resumes_on_o
     # moved these losses by 8e-5 to 1e-3 relative.
     for n in (2, 4):
         np.testing.assert_allclose([loss for _, loss in _losses(runs[n])], ref_losses, rtol=2e-6)
-        chex.assert_trees_all_close(jax.device_get(ckpt.load_run(runs[n], 6).params), ref, atol=2e-5, rtol=0)
-        assert json.loads((runs[n] / ckpt.RUN_FILE).read_text())["model"] == json.loads(
-            (runs[1] / ckpt.RUN_FILE).read_text())["model"]
+        chex.assert_trees_all_close(jax.device_get(pretrained.load_run(runs[n], 6).params), ref, atol=2e-5, rtol=0)
+        assert json.loads((runs[n] / rundir.RUN_FILE).read_text())["model"] == json.loads(
+            (runs[1] / rundir.RUN_FILE).read_text())["model"]
     # Saved on 2 devices at step 3, resumed on 1: checkpoints hold no device axis.
-    shutil.rmtree(runs[2] / ckpt.CHECKPOINT_DIR / "6")
+    shutil.rmtree(runs[2] / rundir.CHECKPOINT_DIR / "6")
     _train(cli_env, runs[2], *flags, devices=1)
     np.testing.assert_allclose([loss for _, loss in _losses(runs[2])], ref_losses, rtol=2e-6)
-    chex.assert_trees_all_close(jax.device_get(ckpt.load_run(runs[2], 6).params), ref, atol=2e-5, rtol=0)
+    chex.assert_trees_all_close(jax.device_get(pretrained.load_run(runs[2], 6).params), ref, atol=2e-5, rtol=0)
 
 
 def test_batch_not_divisible_by_the_devices_is_exit_2_with_one_line_and_no_traceback(cli_env, tmp_path):
@@ -415,7 +415,7 @@ def test_unknown_size_is_a_user_error_naming_the_choices(tmp_path):
 
 def test_a_run_dir_of_another_config_is_refused_and_left_untouched(finished_run):
     def files():  # the lock file says who holds the run dir: the refused run held it for a moment
-        return {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file() and p.name != ckpt.LOCK_FILE}
+        return {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file() and p.name != rundir.LOCK_FILE}
 
     before = files()
     with pytest.raises(UserError, match=r"belongs to a different config: train.lr: 0.003 in the run dir, 0.001 now"):
@@ -437,8 +437,8 @@ def test_missing_data_and_too_long_warmup_are_user_errors(tmp_path, wikitext_dir
 def test_a_damaged_run_json_stops_a_resume_with_one_line_and_touches_nothing(finished_run, tmp_path):
     run_dir = tmp_path / "damaged"
     shutil.copytree(finished_run, run_dir)
-    (run_dir / ckpt.RUN_FILE).write_bytes(b'{"model": "tiny", "train": null}')
-    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ckpt.LOCK_FILE}
+    (run_dir / rundir.RUN_FILE).write_bytes(b'{"model": "tiny", "train": null}')
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != rundir.LOCK_FILE}
     with pytest.raises(UserError, match=r"run.json is not a run record"):
         _main(f"--run_dir={run_dir}", *RESUME_FLAGS)
-    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ckpt.LOCK_FILE} == before
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != rundir.LOCK_FILE} == before

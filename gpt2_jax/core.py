@@ -1,0 +1,205 @@
+"""The pure training core: configs, schedule, AdamW, the train state and the train / eval steps.
+
+No I/O. A loop of your own needs only this module::
+
+    train_cfg = TrainConfig(lr=6e-4, batch_size=32)
+    num_steps = total_steps(train_cfg, steps_per_epoch)
+    optimizer, schedule = make_optimizer(train_cfg, num_steps), make_schedule(train_cfg, num_steps)
+    state = init_train_state(cfg, optimizer, jax.random.PRNGKey(0))
+    step = jax.jit(make_train_step(cfg, optimizer, schedule, axis_name=None))
+    state, metrics = step(state, batch, dropout_key)
+
+(``gpt2_jax.parallel`` runs the same step under ``pmap`` over every device of every process.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from gpt2_jax.config import GPT2Config
+from gpt2_jax.model import chunked_token_nll, forward, init_params
+
+AXIS = "devices"  # the pmap axis: one entry per device of every process (each process holds its local ones)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the optimisation trajectory (a run dir refuses a different one)."""
+
+    batch_size: int = 32  # global: sequences per step over all devices
+    epochs: int = 5
+    max_steps: int | None = None  # stop before the last epoch ends (the LR schedule then ends here too)
+    lr: float = 6e-4  # peak learning rate
+    warmup_steps: int | None = None  # linear from 0 to lr, then cosine down; None: see warmup_steps()
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.1  # decoupled (AdamW), on matrices only: see decay_mask
+    grad_clip: float = 1.0  # global gradient norm; 0 disables
+    b1: float = 0.9
+    b2: float = 0.95  # GPT-3's; steadier than 0.999 when the loss drops fast early on
+    eps: float = 1e-8
+    seed: int = 0  # parameters, dropout and data order
+
+    def __post_init__(self):
+        positive = {"batch_size": self.batch_size, "epochs": self.epochs, "lr": self.lr}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "seed"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.seed >= 2**32:  # jax.random.PRNGKey keeps 32 bits: 2**32 would be seed 0 again
+            raise ValueError(f"seed must be < 2**32, got {self.seed}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def total_steps(train_cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Steps the run takes: all epochs, or ``max_steps`` if that comes first."""
+    n = train_cfg.epochs * steps_per_epoch
+    return n if train_cfg.max_steps is None else min(n, train_cfg.max_steps)
+
+
+def warmup_steps(train_cfg: TrainConfig, num_steps: int) -> int:
+    """The run's warmup: ``train_cfg.warmup_steps``, by default 100 steps or a tenth of a shorter run
+    (so a first 20-step smoke run just works). ValueError if it does not fit in ``num_steps``."""
+    warmup = min(100, num_steps // 10) if train_cfg.warmup_steps is None else train_cfg.warmup_steps
+    if not 0 <= warmup < num_steps:
+        raise ValueError(f"warmup_steps={warmup} must be smaller than the {num_steps} training steps")
+    return warmup
+
+
+def make_schedule(train_cfg: TrainConfig, num_steps: int) -> optax.Schedule:
+    """Linear warmup 0 -> lr, then cosine to ``lr * final_lr_fraction`` at ``num_steps``."""
+    warmup = warmup_steps(train_cfg, num_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train_cfg.lr, warmup_steps=warmup,
+        decay_steps=num_steps, end_value=train_cfg.lr * train_cfg.final_lr_fraction)
+
+
+def decay_mask(params) -> Any:
+    """True for the parameters weight decay applies to: every Dense kernel and both embedding tables.
+
+    Biases and LayerNorm scales/offsets are not decayed: they shift and rescale activations, and
+    pulling them to 0 regularises nothing (a LayerNorm scale at 0 switches its layer off).
+    Embeddings ARE decayed, as in GPT-3 and nanoGPT: ``wte`` is also the tied output projection
+    (a matrix that produces the logits like any kernel), and on a corpus as small as WikiText-2,
+    where the model overfits within a few epochs, the extra pull on rarely seen token rows helps.
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("kernel", "embedding"), params)
+
+
+def make_optimizer(train_cfg: TrainConfig, num_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (decoupled weight decay on ``decay_mask``) on ``make_schedule``."""
+    clip = optax.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip > 0 else optax.identity()
+    return optax.chain(
+        clip,
+        optax.adamw(make_schedule(train_cfg, num_steps), b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+                    weight_decay=train_cfg.weight_decay, mask=decay_mask),
+    )
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What a step changes: a pytree, so it can be replicated, donated and checkpointed whole."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32 scalar: updates applied so far
+
+
+def init_train_state(cfg: GPT2Config, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    params = init_params(cfg, rng)
+    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+
+Batch = dict  # {"inputs": int32 (B, T), "targets": int32 (B, T), "mask": float32 (B, T)} per device
+
+
+def example_keys(rng: jax.Array, step: jax.Array, first_row: jax.Array | int, rows: int) -> jax.Array:
+    """Dropout keys of global batch rows ``first_row .. first_row + rows - 1`` at ``step``.
+
+    ``fold_in(fold_in(rng, step), global row)``: a row's masks depend on the step and on its place
+    in the global batch only, so 1 device, 2 devices and 2 processes of 1 device train alike (up
+    to float reduction order), and a run resumed on another device count keeps its trajectory.
+    """
+    step_key = jax.random.fold_in(rng, step)
+    return jax.vmap(lambda row: jax.random.fold_in(step_key, row))(first_row + jnp.arange(rows))
+
+
+def make_train_step(cfg: GPT2Config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
+                    axis_name: str | None = AXIS) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
+    """``train_step(state, batch, rng) -> (state, metrics)``: one AdamW update on the masked mean next-token loss.
+
+    ``rng`` is the run's dropout key; each row draws its masks from ``example_keys`` (its global
+    row index: this device's index along ``axis_name`` times its rows, plus the row), so a resumed
+    run draws exactly the same masks however the batch is split. Under
+    ``jax.pmap(..., axis_name=axis_name)`` every device sees its rows of the global batch and all
+    devices end with identical states and metrics (all-reduced).
+    """
+
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]:
+        inputs_BT, targets_BT, mask_BT = batch["inputs"], batch["targets"], batch["mask"]
+        chex.assert_rank(inputs_BT, 2)
+        chex.assert_equal_shape([inputs_BT, targets_BT, mask_BT])
+        tokens = mask_BT.sum()
+        if axis_name is not None:
+            tokens = lax.psum(tokens, axis_name)
+        B = inputs_BT.shape[0]
+        first_row = 0 if axis_name is None else lax.axis_index(axis_name) * B
+        keys_B = example_keys(rng, state.step, first_row, B)
+
+        def row_features(params, tokens_T, key):  # one row, its own dropout key
+            return forward(params, cfg, tokens_T[None], deterministic=False, rng=key, head=False)[0]
+
+        def loss_fn(params):
+            x_BTD = jax.vmap(row_features, in_axes=(None, 0, 0))(params, inputs_BT, keys_B)
+            nll_BT = chunked_token_nll(x_BTD, params["wte"]["embedding"], targets_BT)
+            # This device's NLL sum over the GLOBAL number of scored tokens: summed over devices it
+            # is exactly the global masked mean (and so is its gradient) however the masks differ,
+            # where a pmean of per-device means would weigh a half-masked device like a full one.
+            return (nll_BT * mask_BT).sum() / jnp.maximum(tokens, 1.0)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        if axis_name is not None:
+            loss, grads = lax.psum((loss, grads), axis_name)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),  # before clipping
+            "param_norm": optax.global_norm(params),  # non-finite as soon as the state is
+            "lr": schedule(state.step),
+            "tokens": tokens,
+        }
+        return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    return train_step
+
+
+def make_eval_step(cfg: GPT2Config, *, axis_name: str | None = AXIS) -> Callable[[Any, Batch], dict]:
+    """``eval_step(params, batch) -> {"nll_sum", "tokens"}`` summed over the batch (and devices): exact means."""
+
+    def eval_step(params, batch: Batch) -> dict:
+        x_BTD = forward(params, cfg, batch["inputs"], deterministic=True, head=False)
+        nll_BT = chunked_token_nll(x_BTD, params["wte"]["embedding"], batch["targets"])
+        mask_BT = batch["mask"]
+        out = {"nll_sum": (nll_BT * mask_BT).sum(), "tokens": mask_BT.sum()}
+        return lax.psum(out, axis_name) if axis_name is not None else out
+
+    return eval_step

@@ -1,0 +1,276 @@
+"""The training loop of ``python -m gpt2_jax.train``, over a run directory ``train.main`` prepared.
+
+Per-epoch progress bars, per-step metrics, evaluations, the loss plot, checkpoints and signals
+around the pmapped steps of ``gpt2_jax.core``. At most two steps are in flight on the devices, so
+a signal is acted on after the step in flight; every step's randomness comes from (seed, step,
+global row), so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from gpt2_jax import data, parallel, pretrained, rundir
+from gpt2_jax import metrics as metrics_lib
+from gpt2_jax.checkpoint import Checkpoints
+from gpt2_jax.config import GPT2Config
+from gpt2_jax.core import (AXIS, TrainConfig, TrainState, init_train_state, make_eval_step, make_optimizer,
+                           make_schedule, make_train_step)
+from gpt2_jax.errors import UserError
+from gpt2_jax.evaluate import EvalResult
+
+
+class _StopRequest:
+    """Signal handler that only records the signal; the loop saves and exits at the end of its step."""
+
+    def __init__(self):
+        self.signum = 0  # 0: none yet
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once, unsaved
+
+
+class _Diverged(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What stays fixed while a run trains."""
+
+    fv: flags.FlagValues
+    cfg: GPT2Config
+    train_cfg: TrainConfig
+    corpus: data.Corpus
+    run_dir: pathlib.Path
+    spe: int  # steps per epoch
+    num_steps: int
+    say: Callable[..., None]
+    primary: bool  # process 0: writes metrics, evaluations and the plot
+
+    def layout(self) -> dict:
+        return {"num_devices": jax.local_device_count(), "process_index": jax.process_index(),
+                "process_count": jax.process_count()}
+
+
+@dataclasses.dataclass
+class Loop:
+    """What the loop changes besides the devices' state: where it is and what it has not written yet."""
+
+    state_N: Any  # the TrainState replicated over the local devices
+    step: int
+    position: data.DataPosition  # of the data stream after this step's batch
+    rng: jax.Array  # the run's dropout key
+    step_records: list  # metrics.jsonl up to ``step``
+    eval_records: list  # evals.jsonl up to ``step``
+    pending: list = dataclasses.field(default_factory=list)  # (step, metrics) still on the devices
+    clock: float = dataclasses.field(default_factory=time.perf_counter)  # start of the throughput window
+    last_save: float = dataclasses.field(default_factory=time.monotonic)
+
+
+def start(run_: Run, checkpoints: Checkpoints, source) -> Loop:
+    """The loop at the newest readable checkpoint, or at step 0 (random or --init_from weights)."""
+    cfg, train_cfg = run_.cfg, run_.train_cfg
+    optimizer = make_optimizer(train_cfg, run_.num_steps)
+    params_key, dropout_key = jax.random.split(jax.random.PRNGKey(train_cfg.seed))
+    init = functools.partial(init_train_state, cfg, optimizer)
+    abstract = jax.eval_shape(init, params_key)
+    restored = checkpoints.restore(abstract.params, abstract.opt_state, model=cfg.architecture())
+    if jax.process_count() > 1:
+        found = multihost_utils.process_allgather(np.int32(-1 if restored is None else restored.step))
+        if len(set(found.tolist())) > 1:
+            raise UserError(f"the processes found different checkpoints in {run_.run_dir} (steps "
+                            f"{sorted(set(found.tolist()))}); --run_dir must be one folder all processes see")
+    if restored is None:
+        state = jax.jit(init)(params_key) if source is None else _pretrained_state(source, cfg, optimizer, run_.say)
+        position, rng = data.DataPosition(), dropout_key
+        if jax.process_count() > 1:  # every process starts from process 0's bits, whatever its float rounding
+            state = state.replace(params=multihost_utils.broadcast_one_to_all(state.params))
+    else:
+        state = TrainState(params=restored.params, opt_state=restored.opt_state,
+                           step=jnp.asarray(restored.step, jnp.int32))
+        position = data.DataPosition.from_dict(restored.meta["data_position"])
+        rng = jnp.asarray(restored.meta["rng"], jnp.uint32)
+        assert position == data.DataPosition(*divmod(restored.step, run_.spe)), (position, restored.step)
+        checkpoints.prune()  # what a kill stopped Orbax from removing
+        run_.say(f"resuming {run_.run_dir} from step {restored.step} (epoch {restored.step / run_.spe:.2f})")
+    step = int(state.step)
+    paths = run_.run_dir / rundir.METRICS_FILE, run_.run_dir / rundir.EVALS_FILE
+    if run_.primary:
+        for path in paths:
+            metrics_lib.drop_records_after(path, step)  # written after the checkpoint, recomputed identically
+    # Every process reads the records: what is left to evaluate at the end is decided the same way everywhere.
+    step_records, eval_records = ([r for r in metrics_lib.read_jsonl(p) if r["step"] <= step] for p in paths)
+    return Loop(state_N=parallel.replicate(state, jax.local_devices()), step=step, position=position, rng=rng,
+                 step_records=step_records, eval_records=eval_records)
+
+
+def _pretrained_state(source: pretrained.Pretrained, cfg: GPT2Config, optimizer, say) -> TrainState:
+    """Step 0 of a fine-tuning run: PATH's weights (at ``cfg``'s context) and a fresh optimizer."""
+    params, from_step = pretrained.load_params(source)
+    params = pretrained.fit_context(params, cfg.n_ctx)
+    where = f"{source.path} (step {from_step})" if source.kind == "run" else str(source.path)
+    shorter = f", its first {cfg.n_ctx} of {source.cfg.n_ctx} positions" if cfg.n_ctx < source.cfg.n_ctx else ""
+    say(f"fine-tuning {where} at context {cfg.n_ctx}{shorter}")
+    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def _evaluate(run_: Run, loop: Loop, p_eval: Callable, split: str) -> dict:
+    """Score ``split`` at the loop's step; record it (evals.jsonl, the plot) and say it."""
+    step, spe, cfg = loop.step, run_.spe, run_.cfg
+    tokens = run_.corpus.tokens[split]
+    nll, count = parallel.evaluate(p_eval, loop.state_N.params, data.eval_batches(
+        tokens, seq_len=cfg.n_ctx, batch_size=run_.fv.eval_batch_size or run_.train_cfg.batch_size,
+        **run_.layout()))
+    assert count == len(tokens) - 1, (count, len(tokens))  # each target once
+    since = max([r["step"] for r in loop.eval_records if r["split"] == "validation" and r["step"] < step],
+                default=0)
+    recent = [r["loss"] for r in loop.step_records if since < r["step"] <= step]
+    res = EvalResult(split=split, nll_sum=nll, tokens=int(count), words=run_.corpus.words[split],
+                     bytes=run_.corpus.bytes[split], seq_len=cfg.n_ctx, stride=None)
+    rec = {"step": step, "epoch": step / spe, "split": split, "loss": res.mean_nll, "ppl": res.token_ppl,
+           "word_ppl": res.word_ppl, "bits_per_byte": res.bits_per_byte, "tokens": res.tokens,
+           "train_loss": float(np.mean(recent)) if recent else None}
+    loop.eval_records.append(rec)
+    if run_.primary:
+        metrics_lib.append_jsonl(run_.run_dir / rundir.EVALS_FILE, [rec])
+        metrics_lib.plot_losses(loop.step_records, loop.eval_records, run_.run_dir / rundir.PLOT_FILE,
+                                steps_per_epoch=spe, vocab_size=cfg.vocab_size,
+                                title=f"{run_.run_dir.name}: {run_.fv.size}, batch {run_.train_cfg.batch_size}x"
+                                      f"{cfg.n_ctx}, lr {run_.train_cfg.lr:g}")
+    run_.say(f"step {step} (epoch {step / spe:.2f}): {split} loss {rec['loss']:.4f}, ppl {rec['ppl']:.2f}, "
+             f"word ppl {rec['word_ppl']:.2f}")
+    return rec
+
+
+def _fetch_metrics(run_: Run, loop: Loop, bar, keep_last: bool) -> None:
+    """Write the pending steps' metrics (all, or all but the newest, so the device queue never drains)."""
+    take = loop.pending[:-1] if keep_last else loop.pending[:]
+    if not take:
+        return
+    del loop.pending[:len(take)]
+    host = jax.device_get([m for _, m in take])
+    now = time.perf_counter()
+    tps = sum(float(m["tokens"][0]) for m in host) / max(now - loop.clock, 1e-9)
+    loop.clock = now
+    recs = [{"step": s, "epoch": s / run_.spe, **{k: float(v[0]) for k, v in m.items() if k != "tokens"},
+             "tokens_per_s": tps} for (s, _), m in zip(take, host)]
+    loop.step_records.extend(recs)
+    if run_.primary:
+        metrics_lib.append_jsonl(run_.run_dir / rundir.METRICS_FILE, recs)
+    # The metrics are all-reduced: every process sees the same values and stops at the same step.
+    bad = [r for r in recs if not all(math.isfinite(r[k]) for k in ("loss", "grad_norm", "param_norm"))]
+    if bad:
+        raise _Diverged(bad[0])
+    bar.set_postfix(loss=f"{recs[-1]['loss']:.3f}", lr=f"{recs[-1]['lr']:.2e}", tok_s=f"{tps:,.0f}")
+
+
+def _save(run_: Run, loop: Loop, checkpoints: Checkpoints, val_loss: float | None) -> None:
+    loop.last_save = time.monotonic()
+    checkpoints.save(loop.step, params=parallel.unreplicate_global(loop.state_N.params),
+                     opt_state=parallel.unreplicate_global(loop.state_N.opt_state),
+                     meta={"step": loop.step, "model": run_.cfg.architecture(),
+                           "data_position": loop.position.to_dict(), "rng": np.asarray(loop.rng).tolist(),
+                           "num_devices": jax.device_count(), "num_processes": jax.process_count()},
+                     val_loss=val_loss)
+
+
+def train(run_: Run, checkpoints: Checkpoints, loop: Loop) -> int:
+    fv, cfg, train_cfg, spe, num_steps = run_.fv, run_.cfg, run_.train_cfg, run_.spe, run_.num_steps
+    optimizer, schedule = make_optimizer(train_cfg, num_steps), make_schedule(train_cfg, num_steps)
+    p_train = jax.pmap(make_train_step(cfg, optimizer, schedule), axis_name=AXIS, in_axes=(0, 0, None),
+                       donate_argnums=(0,), devices=jax.devices())
+    p_eval = jax.pmap(make_eval_step(cfg), axis_name=AXIS, devices=jax.devices())
+    batches = parallel.prefetch_to_devices(data.train_batches(
+        run_.corpus.tokens["train"], seq_len=cfg.n_ctx, global_batch=train_cfg.batch_size, seed=train_cfg.seed,
+        start=loop.position, **run_.layout()), parallel.device_sharding(jax.local_devices()))
+    if fv.init_from is not None and loop.step == 0 and not any(r["step"] == 0 for r in loop.eval_records):
+        _evaluate(run_, loop, p_eval, "validation")  # a fine-tuning run's start: PATH's own validation loss
+    stop, bar, check_in = _StopRequest(), None, parallel.CheckIns(loop.step)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while loop.step < num_steps:
+            if bar is None:
+                epoch = loop.step // spe
+                bar = tqdm(total=min(spe, num_steps - epoch * spe), initial=loop.step - epoch * spe,
+                           desc=f"epoch {epoch + 1}/{-(-num_steps // spe)}", unit="step",
+                           disable=fv.quiet or not run_.primary, dynamic_ncols=True, file=sys.stderr)
+                loop.clock = time.perf_counter()
+            loop.position, batch = next(batches)  # the position after this batch: saved with its state
+            loop.state_N, m = p_train(loop.state_N, batch, loop.rng)
+            loop.step += 1
+            loop.pending.append((loop.step, m))
+            if len(loop.pending) > 1:  # at most two steps on the devices: a signal waits for one step only
+                jax.block_until_ready(loop.pending[-2][1])
+            bar.update(1)
+            step = loop.step
+            epoch_end, last = step % spe == 0, step == num_steps
+            do_eval = step % fv.eval_every == 0 or epoch_end or last
+            # Signals and the save clock are per process; several processes act on them together at
+            # check-ins (scheduled saves, and a few seconds apart), one process at every step.
+            signum, overdue = 0, False
+            if jax.process_count() == 1 or do_eval or step % fv.ckpt_every == 0 or step >= check_in.next_step:
+                due = fv.ckpt_minutes > 0 and time.monotonic() - loop.last_save >= 60 * fv.ckpt_minutes
+                signum, overdue = check_in(step, stop.signum, due, fv.log_every)
+            do_save = do_eval or step % fv.ckpt_every == 0 or overdue or signum != 0
+            if do_eval or do_save or len(loop.pending) > fv.log_every:
+                # A checkpoint is only written after its losses are seen finite.
+                _fetch_metrics(run_, loop, bar, keep_last=not (do_eval or do_save))
+            val_loss = _evaluate(run_, loop, p_eval, "validation")["loss"] if do_eval else None
+            if do_save:
+                _save(run_, loop, checkpoints, val_loss)
+            if do_eval:
+                loop.clock = time.perf_counter()  # evaluation and saving are not training throughput
+            if signum:
+                bar.close()
+                checkpoints.finish()
+                if run_.primary:
+                    print(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint saved in "
+                          f"{run_.run_dir}; run the same command to resume", file=sys.stderr)
+                return 0
+            if epoch_end or last:
+                bar.close()
+                bar = None
+    except _Diverged as e:
+        if bar is not None:
+            bar.close()
+        checkpoints.finish()
+        r, good = e.args[0], (checkpoints.steps() or [None])[-1]
+        kept = f"the last good checkpoint, step {good}, is kept" if good is not None else "no checkpoint was saved"
+        raise UserError(f"training diverged at step {r['step']} (loss {r['loss']}, grad norm {r['grad_norm']}, "
+                        f"param norm {r['param_norm']}); stopped, {kept} in {run_.run_dir}; "
+                        f"lower --lr (now {train_cfg.lr:g}) or raise --warmup_steps") from None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    _finish(run_, loop, p_eval, checkpoints)
+    return 0
+
+
+def _finish(run_: Run, loop: Loop, p_eval: Callable, checkpoints: Checkpoints) -> None:
+    """The last step's validation (done in the loop unless resumed right here), the test split, a summary."""
+    done = {(r["split"], r["step"]) for r in loop.eval_records}
+    val, test = (next(r for r in reversed(loop.eval_records) if r["split"] == split) if (split, loop.step) in done
+                 else _evaluate(run_, loop, p_eval, split) for split in ("validation", "test"))
+    checkpoints.finish()
+    tps = float(np.median([r["tokens_per_s"] for r in loop.step_records])) if loop.step_records else float("nan")
+    if run_.primary:
+        print(f"done: {loop.step} steps ({loop.step / run_.spe:.2f} epochs); validation loss {val['loss']:.4f} "
+              f"(ppl {val['ppl']:.2f}), test loss {test['loss']:.4f} (ppl {test['ppl']:.2f}, "
+              f"word ppl {test['word_ppl']:.2f}); median {tps:,.0f} tokens/s; plot {run_.run_dir / rundir.PLOT_FILE}",
+              file=sys.stderr)
