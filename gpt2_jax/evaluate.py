@@ -2,14 +2,11 @@
 
     python -m gpt2_jax.evaluate --run_dir=runs/tiny --split=test [--step=N|best] [--stride=64]
 
-Reports, as one JSON line (last on stdout) and a JSON file in the run dir:
-  * ``mean_nll``      mean next-token negative log-likelihood (nats per token)
-  * ``token_ppl``     exp(mean_nll), the report's measure; depends on the tokenizer
-  * ``word_ppl``      exp(total NLL / words), words counted as whitespace-split words plus one
-                      end-of-line per line (what WikiText-2 papers report; tokenizer-independent)
-  * ``bits_per_byte`` total NLL / (ln 2 · UTF-8 bytes of the scored text)
-  * ``windows``       "disjoint" (each window starts fresh) or "sliding" (``stride`` new tokens per
-                      window, each scored with up to ``seq_len - 1`` tokens of left context)
+One JSON line (last on stdout, also saved in the run dir): ``mean_nll`` (nats per token),
+``token_ppl`` (the report's measure; tokenizer-dependent), ``word_ppl`` (total NLL over
+whitespace words plus one end-of-line per line, as WikiText-2 papers report), ``bits_per_byte``,
+and ``windows``: "disjoint" or "sliding" (``stride`` new tokens per window, each with up to
+``seq_len - 1`` tokens of left context).
 """
 
 from __future__ import annotations

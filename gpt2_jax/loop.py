@@ -218,32 +218,15 @@ def train(run_: Run, checkpoints: Checkpoints, loop: Loop) -> int:
             if len(loop.pending) > 1:  # at most two steps on the devices: a signal waits for one step only
                 jax.block_until_ready(loop.pending[-2][1])
             bar.update(1)
-            step = loop.step
-            epoch_end, last = step % spe == 0, step == num_steps
-            do_eval = step % fv.eval_every == 0 or epoch_end or last
-            # Signals and the save clock are per process; several processes act on them together at
-            # check-ins (scheduled saves, and a few seconds apart), one process at every step.
-            signum, overdue = 0, False
-            if jax.process_count() == 1 or do_eval or step % fv.ckpt_every == 0 or step >= check_in.next_step:
-                due = fv.ckpt_minutes > 0 and time.monotonic() - loop.last_save >= 60 * fv.ckpt_minutes
-                signum, overdue = check_in(step, stop.signum, due, fv.log_every)
-            do_save = do_eval or step % fv.ckpt_every == 0 or overdue or signum != 0
-            if do_eval or do_save or len(loop.pending) > fv.log_every:
-                # A checkpoint is only written after its losses are seen finite.
-                _fetch_metrics(run_, loop, bar, keep_last=not (do_eval or do_save))
-            val_loss = _evaluate(run_, loop, p_eval, "validation")["loss"] if do_eval else None
-            if do_save:
-                _save(run_, loop, checkpoints, val_loss)
-            if do_eval:
-                loop.clock = time.perf_counter()  # evaluation and saving are not training throughput
+            signum = _after_step(run_, loop, checkpoints, p_eval, bar, check_in, stop.signum)
             if signum:
                 bar.close()
                 checkpoints.finish()
                 if run_.primary:
-                    print(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint saved in "
+                    print(f"stopped by {signal.Signals(signum).name} at step {loop.step}: checkpoint saved in "
                           f"{run_.run_dir}; run the same command to resume", file=sys.stderr)
                 return 0
-            if epoch_end or last:
+            if loop.step % spe == 0 or loop.step == num_steps:
                 bar.close()
                 bar = None
     except _Diverged as e:
@@ -260,6 +243,29 @@ def train(run_: Run, checkpoints: Checkpoints, loop: Loop) -> int:
             signal.signal(s, h)
     _finish(run_, loop, p_eval, checkpoints)
     return 0
+
+
+def _after_step(run_: Run, loop: Loop, checkpoints: Checkpoints, p_eval: Callable, bar,
+                check_in: parallel.CheckIns, signum: int) -> int:
+    """Metrics, evaluation and a checkpoint where due after ``loop.step``; the signal to stop on, or 0."""
+    fv, step = run_.fv, loop.step
+    do_eval = step % fv.eval_every == 0 or step % run_.spe == 0 or step == run_.num_steps
+    # Signals and the save clock are per process; several processes act on them together at
+    # check-ins (scheduled saves, and a few seconds apart), one process at every step.
+    agreed, overdue = 0, False
+    if jax.process_count() == 1 or do_eval or step % fv.ckpt_every == 0 or step >= check_in.next_step:
+        due = fv.ckpt_minutes > 0 and time.monotonic() - loop.last_save >= 60 * fv.ckpt_minutes
+        agreed, overdue = check_in(step, signum, due, fv.log_every)
+    do_save = do_eval or step % fv.ckpt_every == 0 or overdue or agreed != 0
+    if do_eval or do_save or len(loop.pending) > fv.log_every:
+        # All of them before an evaluation or a save: a checkpoint is only written once its losses are finite.
+        _fetch_metrics(run_, loop, bar, keep_last=not (do_eval or do_save))
+    val_loss = _evaluate(run_, loop, p_eval, "validation")["loss"] if do_eval else None
+    if do_save:
+        _save(run_, loop, checkpoints, val_loss)
+    if do_eval:
+        loop.clock = time.perf_counter()  # evaluation and saving are not training throughput
+    return agreed
 
 
 def _finish(run_: Run, loop: Loop, p_eval: Callable, checkpoints: Checkpoints) -> None:

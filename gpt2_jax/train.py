@@ -77,6 +77,12 @@ def _define_flags() -> flags.FlagValues:
         # 258: the smallest byte-level BPE (256 bytes, <|endoftext|>, one merge), known before any data work
         flags.DEFINE_integer(name, None, f"override the preset's {help_}",
                              lower_bound=258 if name == "vocab_size" else None, flag_values=fv)
+    _define_loop_flags(fv)
+    return fv
+
+
+def _define_loop_flags(fv: flags.FlagValues) -> None:
+    """How the loop evaluates, saves, logs and joins other processes: no effect on the trajectory."""
     flags.DEFINE_integer("eval_every", 250, "evaluate on the validation split every this many steps "
                          "(and at every epoch end and the last step)", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("ckpt_every", 500, "save a checkpoint every this many steps (and at every epoch end, "
@@ -107,7 +113,6 @@ def _define_flags() -> flags.FlagValues:
                          "logs, metrics and plot", flag_values=fv)
     flags.DEFINE_list("local_device_ids", None, "ids of the local devices this process uses, e.g. 0 or 0,1 "
                       "(default: all of them; one GPU per task under SLURM / Open MPI)", flag_values=fv)
-    return fv
 
 
 
