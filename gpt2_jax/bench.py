@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from gpt2_jax import cli
+from gpt2_jax import cli, core, decode, parallel
 from gpt2_jax.errors import UserError
 from gpt2_jax.config import PRESETS, GPT2Config, param_count
 from gpt2_jax.model import init_params
@@ -110,23 +110,20 @@ def _environment() -> dict:
 def bench_train(cfg: GPT2Config, *, batch_size: int, steps: int, warmup: int, peak_tflops: float | None = None,
                 seed: int = 0) -> dict:
     """Time the real pmapped train step (AdamW, clipping, dropout) on a fixed random batch."""
-    from gpt2_jax import train
-
     n_dev = jax.local_device_count()
     if batch_size % n_dev:
         raise UserError(f"--batch_size={batch_size} is not divisible by the {n_dev} local devices")
-    train_cfg = train.TrainConfig(batch_size=batch_size, warmup_steps=0, lr=1e-4)
+    train_cfg = core.TrainConfig(batch_size=batch_size, warmup_steps=0, lr=1e-4)
     num_steps = warmup + steps + 2
-    optimizer = train.make_optimizer(train_cfg, num_steps)
-    schedule = train.make_schedule(train_cfg, num_steps)
-    state_N = train.replicate(train.init_train_state(cfg, optimizer, jax.random.PRNGKey(seed)))
-    p_step = jax.pmap(train.make_train_step(cfg, optimizer, schedule), axis_name=train.AXIS,
+    optimizer = core.make_optimizer(train_cfg, num_steps)
+    schedule = core.make_schedule(train_cfg, num_steps)
+    state_N = parallel.replicate(core.init_train_state(cfg, optimizer, jax.random.PRNGKey(seed)))
+    p_step = jax.pmap(core.make_train_step(cfg, optimizer, schedule), axis_name=core.AXIS,
                       in_axes=(0, 0, None), donate_argnums=(0,))
     T = cfg.n_ctx
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (n_dev, batch_size // n_dev, T + 1), np.int32)
     batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:], "mask": np.ones(tokens[..., 1:].shape, np.float32)}
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (train.AXIS,))
-    batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.AXIS)))
+    batch = jax.device_put(batch, parallel.device_sharding())
     rng = jax.random.PRNGKey(seed + 1)
 
     t0 = time.perf_counter()
@@ -153,25 +150,49 @@ def bench_train(cfg: GPT2Config, *, batch_size: int, steps: int, warmup: int, pe
     }
 
 
-def bench_generate(cfg: GPT2Config, *, batch_size: int, prompt_len: int, new_tokens: int, method: str,
-                   repeats: int = 3, seed: int = 0) -> dict:
-    """New tokens/s of the one-jit decode loop, plus time to first token (prefill + 1 sampled token)."""
-    from gpt2_jax import sample
+def time_generate(params, cfg: GPT2Config, *, batch_size: int, prompt_length: int,
+                  max_new_tokens: int, method: str = "greedy", top_k: int = 50, top_p: float = 0.9,
+                  temperature: float = 1.0, slide_keep: int | None = None, repeats: int = 3,
+                  seed: int = 0) -> dict[str, float]:
+    """Compile seconds and new tokens/s of ``decode.generate``'s compiled core on random prompts.
 
+    The best of ``repeats`` runs counts: noise from other processes inflates it the least.
+    """
+    prompt_BP = jax.random.randint(jax.random.PRNGKey(seed), (batch_size, prompt_length), 0,
+                                   cfg.vocab_size)
+    window_BW, window_lengths_B, _ = decode.prompt_windows(cfg, np.asarray(prompt_BP))
+    slide_keep = cfg.n_ctx // 2 if slide_keep is None else slide_keep
+    decode.check_sampling_args(cfg, method=method, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_k=top_k, top_p=top_p,
+                               slide_keep=slide_keep)
+    args = (params, jnp.asarray(window_BW), jnp.asarray(window_lengths_B),
+            jax.random.PRNGKey(seed), jnp.arange(batch_size, dtype=jnp.int32),
+            decode.sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p))
+    t0 = time.perf_counter()
+    compiled = decode._generate_jit.lower(*args, cfg=cfg, method=method, slide_keep=slide_keep,
+                                          max_new_tokens=max_new_tokens).compile()
+    compile_s = time.perf_counter() - t0
+    run_s = _best_seconds(compiled, *args, repeats=repeats)  # its first call warms up
+    return {"compile_s": compile_s, "run_s": run_s,
+            "new_tokens_per_s": batch_size * max_new_tokens / run_s, "batch_size": batch_size,
+            "prompt_length": prompt_length, "max_new_tokens": max_new_tokens}
+
+
+def bench_generate(cfg: GPT2Config, *, batch_size: int, prompt_len: int, new_tokens: int,
+                   method: str, repeats: int = 3, seed: int = 0) -> dict:
+    """New tokens/s of the one-jit decode loop, and time to first token (prefill + 1 token)."""
     params = init_params(cfg, jax.random.PRNGKey(seed))
     if cfg.dtype == "bfloat16":  # decoding reads every weight per token: keep them in bf16
         params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
-    timing = sample.time_generate(params, cfg, batch_size=batch_size, prompt_length=prompt_len,
-                                  max_new_tokens=new_tokens, method=method, repeats=repeats, seed=seed)
-    # Time to first token: the same compiled loop with one new token.
-    first = sample.time_generate(params, cfg, batch_size=batch_size, prompt_length=prompt_len, max_new_tokens=1,
-                                 method=method, repeats=repeats, seed=seed)
+    timing, first = (time_generate(params, cfg, batch_size=batch_size, prompt_length=prompt_len,
+                                   max_new_tokens=n, method=method, repeats=repeats, seed=seed)
+                     for n in (new_tokens, 1))  # 1: the same loop, time to first token
     return {
         "bench": "generate", "new_tokens_per_s": round(timing["new_tokens_per_s"], 1),
         "ms_per_token": round(1e3 * timing["run_s"] / new_tokens, 3),
-        "time_to_first_token_ms": round(1e3 * first["run_s"], 2), "compile_s": round(timing["compile_s"], 2),
-        "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "method": method,
-        **_memory(),
+        "time_to_first_token_ms": round(1e3 * first["run_s"], 2),
+        "compile_s": round(timing["compile_s"], 2), "batch_size": batch_size,
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "method": method, **_memory(),
     }
 
 

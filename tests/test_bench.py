@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt2_jax import bench, train
+from gpt2_jax import bench, core
 from gpt2_jax.config import GPT2Config
 
 from conftest import REPO
@@ -21,10 +21,10 @@ def test_flops_per_token_is_six_n_plus_attention():
 
 
 def _losses(cfg, steps=40):
-    train_cfg = train.TrainConfig(batch_size=8, lr=3e-3, warmup_steps=2)
-    opt, sched = train.make_optimizer(train_cfg, steps), train.make_schedule(train_cfg, steps)
-    state = train.init_train_state(cfg, opt, jax.random.PRNGKey(0))
-    step = jax.jit(train.make_train_step(cfg, opt, sched, axis_name=None))
+    train_cfg = core.TrainConfig(batch_size=8, lr=3e-3, warmup_steps=2)
+    opt, sched = core.make_optimizer(train_cfg, steps), core.make_schedule(train_cfg, steps)
+    state = core.init_train_state(cfg, opt, jax.random.PRNGKey(0))
+    step = jax.jit(core.make_train_step(cfg, opt, sched, axis_name=None))
     # A learnable stream: a few fixed random sequences seen again and again.
     tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (8, cfg.n_ctx + 1), 0, cfg.vocab_size))
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((8, cfg.n_ctx), np.float32)}

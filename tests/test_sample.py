@@ -3,6 +3,7 @@
 Float32 throughout; cached and full-forward logits agree within 1e-5 absolute (measured ~1e-6).
 """
 
+import contextlib
 import functools
 import math
 
@@ -11,11 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt2_jax import memory
-from gpt2_jax import sample as sample_lib
+from gpt2_jax import decode, memory
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import forward, init_cache, init_params
-from gpt2_jax.sample import (
+from gpt2_jax.decode import (
     _generate_jit,
     bucket_length,
     decode_step,
@@ -211,6 +211,22 @@ def test_stream_generate_stops_once_every_row_emitted_eos(cfg, params):
 
 # ─── compilation ─────────────────────────────────────────────────────────────────────────────────
 
+@contextlib.contextmanager
+def _compilations(name):
+    """Counts XLA compilations of the jitted function ``name``, through public jax.monitoring."""
+    names = []
+
+    def listen(event, duration_secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield lambda: names.count(f"jit({name})")
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
 def test_prompt_buckets_are_powers_of_two_from_16_capped_at_the_context():
     assert [bucket_length(n, 128) for n in (1, 16, 17, 32, 33, 100, 128)] == [16, 16, 32, 32, 64, 128, 128]
     assert [bucket_length(n, 40) for n in (1, 17, 33, 40)] == [16, 32, 40, 40]
@@ -221,14 +237,14 @@ def test_new_prompt_length_and_new_settings_in_the_same_bucket_do_not_recompile(
     params = init_params(cfg, jax.random.PRNGKey(0))
     gen = lambda n, **kw: generate(params, cfg, _tokens(cfg, n, seed=n)[None], max_new_tokens=6,
                                    method="nucleus", rng=jax.random.PRNGKey(n), **kw)
-    before = _generate_jit._cache_size()
-    gen(5)
-    assert _generate_jit._cache_size() == before + 1
-    gen(11, temperature=0.7, top_p=0.5, eos_id=3)  # same bucket (16), other settings
-    gen(16, temperature=0.0, top_p=1.0)
-    assert _generate_jit._cache_size() == before + 1
-    gen(17)  # next bucket (32): one more compilation
-    assert _generate_jit._cache_size() == before + 2
+    with _compilations("_generate_jit") as compiled:
+        gen(5)
+        assert compiled() == 1
+        gen(11, temperature=0.7, top_p=0.5, eos_id=3)  # same bucket (16), other settings
+        gen(16, temperature=0.0, top_p=1.0)
+        assert compiled() == 1
+        gen(17)  # next bucket (32): one more compilation
+        assert compiled() == 2
 
 
 # ─── samplers on fixed logits ────────────────────────────────────────────────────────────────────
@@ -358,11 +374,15 @@ def test_sampling_matches_the_definition_on_a_larger_vocabulary(scale, method, t
 
 def test_samplers_are_jit_compatible_with_traced_settings():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    jitted = jax.jit(lambda l, k, t, kk, p: sample_logits(l, k, method="top_k_nucleus", temperature=t, top_k=kk, top_p=p))
-    for seed in range(20):
-        token = jitted(logits, jax.random.PRNGKey(seed), 1.0, 3, 0.6)
-        assert int(token[0]) in (0, 1)
-    assert jitted._cache_size() == 1
+    def top_k_nucleus(l, k, t, kk, p):
+        return sample_logits(l, k, method="top_k_nucleus", temperature=t, top_k=kk, top_p=p)
+
+    jitted = jax.jit(top_k_nucleus)
+    with _compilations("top_k_nucleus") as compiled:
+        for seed in range(20):
+            token = jitted(logits, jax.random.PRNGKey(seed), 1.0, 3, 0.6)
+            assert int(token[0]) in (0, 1)
+    assert compiled() == 1
 
 
 # ─── batches larger than memory ──────────────────────────────────────────────────────────────────
@@ -419,7 +439,7 @@ def test_a_batch_larger_than_free_memory_is_split_into_calls_giving_the_same_tok
     monkeypatch.setattr(memory, "free_bytes", lambda devices: _bytes_for_rows(params, cfg, 3, max_new_tokens=30,
                                                                                 method="nucleus"))
     spy = _CallSpy(_generate_jit)
-    monkeypatch.setattr(sample_lib, "_generate_jit", spy)
+    monkeypatch.setattr(decode, "_generate_jit", spy)
     np.testing.assert_array_equal(np.asarray(generate(params, cfg, prompt_BP, **kwargs)), whole)
     assert spy.rows == [3, 3, 3]  # 7 rows, 3 fit: three calls, the last padded
 

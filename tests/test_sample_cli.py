@@ -15,12 +15,14 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import checkpoint, memory
+from gpt2_jax import decode
+from gpt2_jax import memory, pretrained
 from gpt2_jax import sample as sample_lib
 from gpt2_jax.cli import run
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.model import init_params
-from gpt2_jax.sample import METHODS, generate, main
+from gpt2_jax.decode import METHODS, generate
+from gpt2_jax.sample import main
 from gpt2_jax.tokenizer import EOT, save_tokenizer, train_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -48,7 +50,7 @@ def _noisy(params, std=0.3, seed=1):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cfg, tokenizer):
     params = _noisy(init_params(cfg, jax.random.PRNGKey(0)))
-    return checkpoint.save_params_as_run(tmp_path_factory.mktemp("runs") / "micro", cfg, params, tokenizer, step=3)
+    return pretrained.save_params_as_run(tmp_path_factory.mktemp("runs") / "micro", cfg, params, tokenizer, step=3)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def eos_run_dir(tmp_path_factory, cfg, tokenizer):
     eot = tokenizer.token_to_id(EOT)
     wte = params["wte"]["embedding"]
     params["ln_f"] = {"scale": params["ln_f"]["scale"] * 0, "bias": 50.0 * wte[eot] / np.linalg.norm(wte[eot]) ** 2}
-    return checkpoint.save_params_as_run(tmp_path_factory.mktemp("runs") / "eos", cfg, params, tokenizer, step=0)
+    return pretrained.save_params_as_run(tmp_path_factory.mktemp("runs") / "eos", cfg, params, tokenizer, step=0)
 
 
 class Recorder:
@@ -86,7 +88,7 @@ def _main(*flags):
 
 def _expected_text(run_dir, tokenizer, method, *, seed=0, n=20, **kw):
     """The CLI's contract restated: prompt + generate's continuation for the method's seed stream."""
-    loaded = checkpoint.load_run(run_dir)
+    loaded = pretrained.load_run(run_dir)
     ids = tokenizer.encode(PROMPT).ids
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), METHODS.index(method))
     out = np.asarray(generate(loaded.params, loaded.cfg, np.asarray([ids]), max_new_tokens=n, method=method, rng=rng,
@@ -149,10 +151,10 @@ def test_many_samples_beyond_free_memory_print_exactly_the_text_of_one_call(run_
     flags = [f"--run_dir={run_dir}", "--method=nucleus", f"--prompt={PROMPT}", "--prompt=In 1990", "--num_samples=3",
              "--max_new_tokens=12", "--seed=4"]
     whole = _main(*flags).text
-    loaded, real = checkpoint.load_run(run_dir), sample_lib._generate_jit
+    loaded, real = pretrained.load_run(run_dir), decode._generate_jit
     shape = lambda *s: jax.ShapeDtypeStruct(s, np.int32)
     two_rows = memory.bytes_needed(real.lower(
-        loaded.params, shape(2, 16), shape(2), jax.random.PRNGKey(0), shape(2), sample_lib.sampling_settings(),
+        loaded.params, shape(2, 16), shape(2), jax.random.PRNGKey(0), shape(2), decode.sampling_settings(),
         cfg=loaded.cfg, method="nucleus", max_new_tokens=12, slide_keep=loaded.cfg.n_ctx // 2).compile())
     monkeypatch.setattr(memory, "free_bytes", lambda devices: two_rows)
     calls = []
@@ -162,7 +164,7 @@ def test_many_samples_beyond_free_memory_print_exactly_the_text_of_one_call(run_
         return real(*args, **kwargs)
 
     spy.lower = real.lower
-    monkeypatch.setattr(sample_lib, "_generate_jit", spy)
+    monkeypatch.setattr(decode, "_generate_jit", spy)
     assert _main(*flags).text == whole
     assert calls == [2, 2, 2]  # 2 prompts x 3 samples, 2 rows per call
 
