@@ -17,6 +17,6 @@ from gpt2_jax.model import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT2", "GPT2Config", "PRESETS", "KVCache", "LayerCache", "chunked_token_nll", "count_params", "cross_entropy_loss",
-    "forward", "init_cache", "init_params", "param_count", "token_nll",
+    "GPT2", "GPT2Config", "PRESETS", "KVCache", "LayerCache", "chunked_token_nll", "count_params",
+    "cross_entropy_loss", "forward", "init_cache", "init_params", "param_count", "token_nll",
 ]

@@ -1,15 +1,9 @@
 """The command-line shell shared by every ``python -m gpt2_jax.<tool>``.
 
-Flags are absl-style (``--flag=value``) but each tool defines them on its OWN ``FlagValues``
-(never absl's global ``FLAGS``), so importing several tools, or their pure functions from
-research code, registers nothing global. A user's mistake raises ``UserError``; ``run`` prints
-it as one line on stderr and exits with status 2, without a traceback.
-
-Ranges are declared with the flag (absl's ``lower_bound``/``upper_bound``, shown in ``--help``, or
-``check`` for the rest) so a bad value is refused while parsing, before any data or model is
-loaded. ``parse_flags`` adds two rules for every tool: a float flag must be finite (NaN slips
-through every range comparison), and a string or list flag given as ``--flag=`` must not be
-empty (usually ``--run_dir=$DIR`` with ``DIR`` unset, which would silently mean the default).
+Flags are absl-style, but each tool defines them on its OWN ``FlagValues`` (never absl's global
+``FLAGS``), so importing tools or their pure functions registers nothing global. Ranges are declared
+with the flag, so a bad value is refused while parsing, before any data or model is loaded. A
+user's mistake raises ``UserError``; ``run`` prints it as one line on stderr and exits with status 2.
 """
 
 from __future__ import annotations
@@ -25,23 +19,20 @@ from typing import Any, Callable, Sequence
 
 from absl import flags
 
+from gpt2_jax import memory
 from gpt2_jax.errors import UserError
 
 
 def check(flag_values: flags.FlagValues, name: str, ok: Callable[[Any], bool], requirement: str) -> None:
-    """Refuse ``--name`` at parse time unless ``ok(value)`` (None, an unset default, always passes).
-
-    The error reads ``flag --name=VALUE: <requirement>``, e.g. ``requirement="must be in (0, 1]"``.
-    """
+    """Refuse ``--name`` at parse time unless ``ok(value)`` (None, an unset default, passes); the
+    error reads ``flag --name=VALUE: <requirement>``, e.g. ``requirement="must be in (0, 1]"``."""
     flags.register_validator(name, lambda v: v is None or ok(v), message=requirement, flag_values=flag_values)
 
 
-def folder_flag(path: str | os.PathLike, flag: str, what: str, fix: str, *, may_be_new: bool = False) -> pathlib.Path:
-    """``path``, given as ``--flag``, if it is a folder; else a one-line UserError saying what it is.
-
-    ``what`` names the folder expected ("a run directory"), ``fix`` ends the line. A path that
-    does not exist passes only with ``may_be_new`` (a folder the tool will create).
-    """
+def folder_flag(path: str | os.PathLike, flag: str, what: str, fix: str, *,
+                may_be_new: bool = False) -> pathlib.Path:
+    """``path``, given as ``--flag``, if it is a folder (or absent and ``may_be_new``); else a UserError
+    saying it is not ``what`` ("a run directory"), ended by ``fix``."""
     path = pathlib.Path(path)
     if path.is_dir() or (may_be_new and not os.path.lexists(path)):
         return path
@@ -64,6 +55,7 @@ def _unknown_flag(e: flags.UnrecognizedFlagError, flag_values: flags.FlagValues)
 
 
 def _check_given_values(flag_values: flags.FlagValues) -> None:
+    # NaN slips through every range check; "--run_dir=$DIR" with DIR unset would silently mean the default.
     for name in flag_values:
         flag = flag_values[name]
         if not flag.present:
@@ -75,11 +67,8 @@ def _check_given_values(flag_values: flags.FlagValues) -> None:
 
 
 def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str], description: str = "") -> flags.FlagValues:
-    """Parse ``argv`` (program name first) into ``flag_values``; ``--help`` prints help and exits 0.
-
-    Any mistake (unknown flag, missing or malformed value, value out of range) is a one-line
-    ``UserError`` that names the flag.
-    """
+    """Parse ``argv`` (program name first) into ``flag_values``; ``--help`` prints help and exits 0,
+    and any mistake (unknown flag, malformed or out-of-range value) is a ``UserError`` naming the flag."""
     args = list(argv)
     if any(a in ("--help", "-h", "--helpfull", "-?") for a in args[1:]):
         prog = args[0] if args else "gpt2_jax"
@@ -104,8 +93,8 @@ def run(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None 
         out_of_memory: str = "free memory or use a machine with more") -> None:
     """Run a CLI ``main(argv)``; ``UserError`` becomes ``error: ...`` on stderr and exit code 2.
 
-    Running out of device or host memory is a user's setting too big, not a bug: one line naming
-    the allocation and ``out_of_memory``, the tool's advice (e.g. "lower --batch_size"), exit 2.
+    Running out of memory is a setting too big, not a bug: one line ending in ``out_of_memory``,
+    the tool's advice (e.g. "lower --batch_size"), exit 2.
     """
     argv = sys.argv if argv is None else argv
     try:
@@ -114,8 +103,6 @@ def run(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None 
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         _exit(2)
     except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled; the rest re-raised
-        from gpt2_jax import memory  # imports JAX: only once something failed
-
         if not memory.is_out_of_memory(e):
             raise
         print(f"error: {_one_line(memory.report(e, out_of_memory))}", file=sys.stderr)
@@ -126,9 +113,8 @@ def run(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None 
 def _exit(code: int, grace_s: float = 5.0) -> None:
     """Exit with ``code`` even if a background thread cannot finish.
 
-    After a failed write (a full or read-only disk), Orbax's save threads may wait forever for a
-    step that will never start, and Python waits for them before exiting: the job would hang with
-    its error already printed. They get ``grace_s`` seconds, then the process ends without them.
+    After a failed write (full or read-only disk) Orbax's save threads may wait forever, and Python
+    waits for them: they get ``grace_s`` seconds, then the process ends without them.
     """
     sys.stdout.flush()
     sys.stderr.flush()

@@ -67,8 +67,7 @@ class GPT2Config:
         return dataclasses.asdict(self)
 
     def architecture(self) -> dict:
-        """The fields that decide what the parameters mean (not how they are computed): two configs
-        with equal architectures can use each other's weights."""
+        """The fields that decide what the parameters mean: equal architectures can share weights."""
         return {k: getattr(self, k) for k in ARCHITECTURE_FIELDS}
 
     @classmethod
@@ -101,10 +100,8 @@ PRESETS: dict[str, GPT2Config] = {
 
 
 def param_count(cfg: GPT2Config, *, embeddings: bool = True) -> int:
-    """Exact number of parameters (LM head tied to the token embedding, so not counted twice).
-
-    ``embeddings=False`` leaves out the token and position embedding tables.
-    """
+    """Exact number of parameters (the tied LM head counted once); ``embeddings=False``: without the
+    token and position embedding tables."""
     D, F = cfg.d_model, cfg.d_ff
     layer_norm = 2 * D
     attention = (D * 3 * D + 3 * D) + (D * D + D)

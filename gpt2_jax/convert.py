@@ -3,12 +3,9 @@
     python -m gpt2_jax.convert --from_hf=gpt2 --run_dir=runs/gpt2             # import as a run (step 0)
     python -m gpt2_jax.convert --run_dir=runs/small --to_hf=hf/small [--step=best]   # export
 
-An import writes a run directory (step 0) that sample and evaluate read like any other; the
-folder must hold config.json, model.safetensors (or pytorch_model.bin) and a
-tokenizer (tokenizer.json, or vocab.json + merges.txt). An export writes config.json,
-model.safetensors, tokenizer.json and tokenizer_config.json, which
-``transformers.GPT2LMHeadModel.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load.
-Neither direction overwrites anything that exists.
+An import writes a run directory (step 0) that sample and evaluate read like any other. An export
+writes config.json, model.safetensors and the tokenizer, which ``transformers``' ``from_pretrained``
+loads. Neither direction overwrites anything that exists.
 """
 
 from __future__ import annotations
@@ -18,10 +15,10 @@ from typing import Sequence
 
 from absl import flags
 
-from gpt2_jax import hf
+from gpt2_jax import hf, pretrained, rundir
 from gpt2_jax.cli import folder_flag, parse_flags, run
-from gpt2_jax.errors import UserError
 from gpt2_jax.config import param_count
+from gpt2_jax.errors import UserError
 
 
 def define_flags() -> flags.FlagValues:
@@ -47,24 +44,20 @@ def main(argv: Sequence[str]) -> int:
     if fv.from_hf:
         if fv.step is not None:
             raise UserError("--step only applies to --to_hf; an imported model is saved as step 0")
-        from gpt2_jax.checkpoint import save_params_as_run
-
         # Both folders checked before gigabytes of weights are read.
         folder_flag(fv.from_hf, "from_hf", "a Hugging Face GPT-2 folder",
                     "pass the folder holding config.json, model.safetensors and the tokenizer")
         folder_flag(fv.run_dir, "run_dir", "a run directory", "choose a new --run_dir", may_be_new=True)
         cfg, params, tokenizer = hf.load_hf_with_tokenizer(fv.from_hf)
         source = f"hf:{pathlib.Path(fv.from_hf).resolve()}"
-        save_params_as_run(fv.run_dir, cfg, params, tokenizer, step=0, source=source)
+        pretrained.save_params_as_run(fv.run_dir, cfg, params, tokenizer, step=0, source=source)
         print(f"imported {fv.from_hf} ({cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, "
               f"vocab {cfg.vocab_size}, n_ctx {cfg.n_ctx}, {param_count(cfg):,} parameters) "
               f"into run {fv.run_dir} at step 0")
         return 0
 
-    from gpt2_jax.checkpoint import load_run, parse_step
-
     folder_flag(fv.to_hf, "to_hf", "a folder", "choose a new folder to export into", may_be_new=True)
-    loaded = load_run(fv.run_dir, parse_step(fv.step))
+    loaded = pretrained.load_run(fv.run_dir, rundir.parse_step(fv.step))
     folder = hf.save_hf(loaded.cfg, loaded.params, fv.to_hf, loaded.tokenizer)
     print(f"exported {loaded.run_dir} step {loaded.step} ({param_count(loaded.cfg):,} parameters) to {folder}")
     return 0

@@ -1,38 +1,12 @@
 """WikiText-2 as token streams and packed batches.
 
-Where the text comes from
-    A TensorFlow-Datasets builder (``WikiText2``, used without TensorFlow: array_record files read
-    back with ``as_data_source``) with one example per line of ``wiki.{train,valid,test}.tokens``,
-    in file order, each line keeping its ``"\\n"`` (so ``"".join(lines)`` is the file, byte for
-    byte). Configs: ``wikitext-2-v1`` (tokenized, with ``<unk>``: the literature's benchmark) and
-    ``wikitext-2-raw-v1``. The builder takes the three files from, in this order:
-      1. ``data_dir`` (``--data_dir``) or ``$GPT2_JAX_DATA_DIR``: a folder with the three files or
-         the zip archive, or the archive itself;
-      2. TFDS's manual dir (``<tfds_dir>/downloads/manual/``), same contents;
-      3. a download of the author's archive (wikitext.smerity.com; the original S3 address is dead).
-    Every file's hash is checked against the known-good values below before anything is written,
-    and a given data dir on every load, even when the prepared copy exists. The prepared
-    array_record files live in a TFDS data dir under the cache (``$GPT2_JAX_CACHE`` or
-    ``~/.cache/gpt2_jax``), so preparation happens once; each split read back is checked against
-    the same hash (its lines joined are the file) and a damaged one is rebuilt, with one warning.
-
-How lines become one token stream (the choice, and why perplexity stays honest)
-    Each line (with its newline) is encoded on its own and the encodings are concatenated, so the
-    stream encodes exactly the split's text, and a byte-level BPE decodes it back losslessly. No
-    end-of-text token is inserted between lines or articles: WikiText marks articles with its own
-    `` = Title = `` lines, and a token that is not text would be scored against no counted word.
-    A single ``<|endoftext|>`` is put in FRONT of every stream, as GPT-2 does with a document's
-    first token: it is only ever an input, never a target, and lets the first real token be
-    scored too. Therefore the scored targets ``stream[1:]`` encode exactly the split's text, whose
-    words ``count_words`` counts (whitespace words + one end-of-line per line, the Merity et al.
-    convention with ``<eos>``), and word-level perplexity = exp(total NLL / words) is exact.
-
-Batches
-    Windows of ``seq_len + 1`` tokens; inputs are the first ``seq_len``, targets the last
-    ``seq_len``. Training windows tile the stream (a random offset per epoch moves the leftover
-    tokens around) and are shuffled per epoch from ``(seed, epoch)``; ``DataPosition`` (epoch,
-    batches consumed) resumes exactly. Evaluation scores every target once (``mask``). Batches are
-    ``(N, b, T)`` for ``N`` local devices; with several processes each builds only its own rows.
+A TFDS builder (read back with ``as_data_source``, so no TensorFlow) gives one example per line,
+newline kept: ``"".join(lines)`` is the source file, so its known-good hash checks every read.
+Each line is encoded on its own and the encodings concatenated, with no token between lines or
+articles (WikiText marks them with `` = Title = `` lines); one ``<|endoftext|>`` in front is only
+ever an input. So the scored targets ``stream[1:]`` encode exactly the split's text, and word
+perplexity over ``count_words`` (the Merity et al. ``<eos>`` convention) is exact. Training windows
+of ``seq_len + 1`` tokens tile the stream, shuffled per epoch from ``(seed, epoch)``.
 """
 
 from __future__ import annotations
@@ -53,11 +27,13 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 from etils import epath
 from tokenizers import Tokenizer
 
 from gpt2_jax import files
 from gpt2_jax import tokenizer as tokenizer_lib
+from gpt2_jax.cli import parse_flags, run
 from gpt2_jax.errors import UserError
 
 SPLITS = ("train", "validation", "test")
@@ -93,7 +69,7 @@ _V1 = WikiTextConfig(
     description="Tokenized WikiText-2 (rare words replaced by <unk>): the standard benchmark.",
     archive_url="https://wikitext.smerity.com/wikitext-2-v1.zip",
     suffix="tokens",
-    hashes={  # SHA-256 of the released files (their SHA-1 also match GluonNLP's dataset registry).
+    hashes={  # SHA-256 of the released files (their SHA-1 match GluonNLP's dataset registry)
         "wiki.train.tokens": ("sha256", "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f"),
         "wiki.valid.tokens": ("sha256", "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
         "wiki.test.tokens": ("sha256", "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"),
@@ -104,9 +80,7 @@ _RAW_V1 = WikiTextConfig(
     description="Raw WikiText-2 (original words, no <unk>).",
     archive_url="https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
     suffix="raw",
-    # Only SHA-1 digests are published for the raw files (GluonNLP's dataset registry, whose SHA-1 of
-    # the three v1 files matches the SHA-256-verified v1 files above).
-    hashes={
+    hashes={  # only SHA-1 is published for the raw files (GluonNLP's registry, which matches v1 above)
         "wiki.train.raw": ("sha1", "d33faf256327882db0edc7c67cd098d1051a2112"),
         "wiki.valid.raw": ("sha1", "db78d4db83700cba1b1bf4a9381087043db2876d"),
         "wiki.test.raw": ("sha1", "6f1fe2054a940eebfc76b284b09680763b37f5ea"),
@@ -132,9 +106,7 @@ def _offline_hint(cfg: WikiTextConfig) -> str:
             f"pass --data_dir=FOLDER or set {DATA_DIR_ENV}=FOLDER")
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading and verifying the source files.
-
+# ----------------------------------------------------------------------------- source files
 
 def _files_in(location: pathlib.Path, cfg: WikiTextConfig) -> dict[str, bytes] | None:
     """The three files' bytes from a folder (loose files or the archive) or an archive; None if absent."""
@@ -196,7 +168,7 @@ def _download(url: str, dest: pathlib.Path, cfg: WikiTextConfig) -> None:
 
 
 def _read_data_dir(cfg: WikiTextConfig, source: str | os.PathLike, given: str) -> dict[str, bytes]:
-    """The verified bytes of the three files in ``source``, which the user gave as ``given`` (flag=path)."""
+    """The verified bytes of the three files in ``source``, given by the user as ``given`` (flag=path)."""
     path = pathlib.Path(source).expanduser()
     if not path.exists():
         raise DataError(f"{given} does not exist; {_offline_hint(cfg)}")
@@ -232,7 +204,7 @@ def _read_manual_or_download(cfg: WikiTextConfig, manual_dir: pathlib.Path | Non
 
 
 def split_lines(text: str) -> list[str]:
-    """Lines of ``text`` split at ``"\\n"`` only (not at U+2028 etc. like ``str.splitlines``), newlines kept."""
+    """Lines of ``text`` split at ``"\\n"`` only (``str.splitlines`` also splits at U+2028), newlines kept."""
     pieces = text.split("\n")
     lines = [p + "\n" for p in pieces[:-1]]
     if pieces[-1]:
@@ -240,12 +212,10 @@ def split_lines(text: str) -> list[str]:
     return lines
 
 
-# ----------------------------------------------------------------------------------------------
-# The TFDS builder.
-
+# ----------------------------------------------------------------------------- the TFDS builder
 
 class WikiText2(tfds.core.GeneratorBasedBuilder):
-    """WikiText-2, one example ``{"text": line}`` per line of each split file, in file order."""
+    """One example ``{"text": line}`` per line of each split file, in file order."""
 
     name = "gpt2_jax_wikitext2"
     VERSION = tfds.core.Version("1.0.0")
@@ -254,17 +224,13 @@ class WikiText2(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Optional: put wiki.{train,valid,test}.tokens or wikitext-2-v1.zip (raw config: wiki.*.raw or "
         "wikitext-2-raw-v1.zip) in the manual dir to prepare the dataset without a download.")
-    # TFDS prints "Downloading and preparing dataset ..." and "... Subsequent calls will reuse this
-    # data." to stdout; quiet_tfds turns these off (the CLIs print one line of their own instead).
-    tfds_messages = True
-
-    # TFDS 4.9.10 finds this file through the `importlib_resources` backport, which current etils no
-    # longer installs; the answer is simply this module's file.
+    tfds_messages = True  # TFDS's "Downloading and preparing ..." on stdout; quiet_tfds turns it off
+    # TFDS 4.9.10 finds this file through the importlib_resources backport, which etils no longer installs.
     code_path = epath.Path(__file__)
 
     def __init__(self, *, source: tuple[str, dict[str, bytes]] | None = None, download_url: str | None = None,
                  **kwargs):
-        """``source``: (where from, verified bytes of the three files); None: TFDS's manual dir or a download."""
+        """``source``: (where from, verified bytes of the three files); None: manual dir or download."""
         self.source = source
         self._download_url = download_url
         super().__init__(**kwargs)
@@ -323,8 +289,7 @@ def _prepared_lines(cfg: WikiTextConfig, tfds_dir: pathlib.Path, splits: Sequenc
         builder = WikiText2(config=cfg.name, data_dir=os.fspath(tfds_dir), source=source, download_url=download_url)
     except Exception as e:  # a damaged dataset_info.json: TFDS raises json or protobuf errors
         raise _Damaged(_first_line(e)) from None
-    # TFDS prepares into a temporary folder renamed at the end, so the folder exists only when complete
-    # (builder.is_prepared() would log a warning when it does not).
+    # TFDS prepares aside and renames at the end: the folder exists only when complete (is_prepared() warns).
     if not builder.data_path.exists():
         t0 = time.perf_counter()
         builder.download_and_prepare(file_format="array_record",
@@ -351,11 +316,10 @@ def _prepared_lines(cfg: WikiTextConfig, tfds_dir: pathlib.Path, splits: Sequenc
 def load_splits(splits: Sequence[str] = SPLITS, data_dir: str | os.PathLike | None = None, *,
                 variant: str = "wikitext-2-v1", tfds_dir: str | os.PathLike | None = None,
                 download_url: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, list[str]]:
-    """Every line (newline kept) of each of ``splits``, read through the TFDS builder (prepared on first use).
+    """Every line (newline kept) of ``splits``, via the TFDS builder prepared in ``tfds_dir`` on first use.
 
-    ``data_dir`` (else ``$GPT2_JAX_DATA_DIR``) names the source files, verified on every call even
-    when the prepared data exists; ``tfds_dir`` (default ``<cache>/tfds``) is where the builder keeps
-    its array_record files. Prepared data that is damaged is rebuilt (one warning on stderr).
+    Sources, in order: ``data_dir`` or ``$GPT2_JAX_DATA_DIR`` (verified on every call, even when the
+    data is prepared), TFDS's manual dir, a download. Damaged prepared data is rebuilt with one warning;
     ``log`` receives one line when the data is prepared.
     """
     for split in splits:
@@ -394,9 +358,7 @@ def count_words(lines: Sequence[str]) -> int:
     return sum(len(line.split()) + 1 for line in lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# Token streams.
-
+# ----------------------------------------------------------------------------- token streams
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
@@ -409,7 +371,7 @@ class Corpus:
 
 
 def encode_stream(tok: Tokenizer, lines: Sequence[str]) -> np.ndarray:
-    """``EOT`` followed by the concatenated encodings of ``lines`` (int32), see the module docstring."""
+    """``EOT`` followed by the concatenated encodings of ``lines`` (int32)."""
     encodings = tok.encode_batch_fast(list(lines), add_special_tokens=False)
     ids = [np.asarray(e.ids, np.int32) for e in encodings]
     return np.concatenate([np.asarray([tokenizer_lib.eot_id(tok)], np.int32), *ids])
@@ -418,10 +380,7 @@ def encode_stream(tok: Tokenizer, lines: Sequence[str]) -> np.ndarray:
 def prepare_corpus(data_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *,
                    vocab_size: int = 32000, variant: str = "wikitext-2-v1", tokenizer: Tokenizer | None = None,
                    download_url: str | None = None, log: Callable[[str], None] | None = None) -> Corpus:
-    """Lines -> tokenizer (trained on train only, cached) -> token streams (cached by tokenizer fingerprint).
-
-    ``log`` receives one line if the TFDS data had to be prepared (see ``load_splits``).
-    """
+    """Lines -> tokenizer (trained on train only, cached) -> token streams (cached by tokenizer fingerprint)."""
     cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
     lines = load_splits(SPLITS, data_dir, variant=variant, tfds_dir=cache / "tfds", download_url=download_url,
                         log=log)
@@ -440,17 +399,12 @@ def prepare_corpus(data_dir: str | os.PathLike | None = None, cache_dir: str | o
             np.save(buffer, tokens[s])
             files.write_verified(path, buffer.getvalue())
         assert tokens[s].dtype == np.int32 and tokens[s].ndim == 1, (path, tokens[s].dtype, tokens[s].shape)
-    return Corpus(
-        tokenizer=tok,
-        tokens=tokens,
-        words={s: count_words(lines[s]) for s in SPLITS},
-        bytes={s: sum(len(line.encode("utf-8")) for line in lines[s]) for s in SPLITS},
-    )
+    words = {s: count_words(lines[s]) for s in SPLITS}
+    n_bytes = {s: sum(len(line.encode("utf-8")) for line in lines[s]) for s in SPLITS}
+    return Corpus(tokenizer=tok, tokens=tokens, words=words, bytes=n_bytes)
 
 
-# ----------------------------------------------------------------------------------------------
-# Batches.
-
+# ----------------------------------------------------------------------------- batches
 
 @dataclasses.dataclass(frozen=True)
 class DataPosition:
@@ -471,8 +425,8 @@ def _check_layout(batch: int, num_devices: int, process_index: int, process_coun
     if num_devices < 1 or process_count < 1 or not 0 <= process_index < process_count:
         raise UserError(f"bad device layout: num_devices={num_devices}, process {process_index} of {process_count}")
     if batch < 1 or batch % (num_devices * process_count):
-        raise UserError(f"{what} {batch} is not divisible by {num_devices} local devices x {process_count} processes; "
-                        f"use a multiple of {num_devices * process_count}")
+        raise UserError(f"{what} {batch} is not divisible by {num_devices} local devices x {process_count} "
+                        f"processes; use a multiple of {num_devices * process_count}")
 
 
 def _as_stream(tokens) -> np.ndarray:
@@ -488,16 +442,15 @@ def steps_per_epoch(n_tokens: int, seq_len: int, global_batch: int) -> int:
     windows = max(n_tokens - 1, 0) // seq_len
     steps = windows // global_batch
     if steps < 1:
-        raise UserError(f"the training stream has {n_tokens} tokens, {windows} windows of {seq_len}+1, fewer than "
-                        f"one batch of {global_batch}; lower the batch size or the sequence length")
+        raise UserError(f"the training stream has {n_tokens} tokens, {windows} windows of {seq_len}+1, "
+                        f"fewer than one batch of {global_batch}; lower the batch size or the sequence length")
     return steps
 
 
 def epoch_window_starts(n_tokens: int, seq_len: int, seed: int, epoch: int) -> np.ndarray:
-    """Start of every training window of ``epoch``, in the order they are consumed (pure in its args).
+    """Start of every training window of ``epoch``, in the order they are consumed.
 
-    Windows tile the stream sharing their boundary token, from an offset drawn in [0, leftover]
-    so the tokens past the last whole window are not always the ones left out.
+    A random offset in [0, leftover] keeps the tokens past the last whole window from always being left out.
     """
     windows = (n_tokens - 1) // seq_len
     rng = np.random.default_rng([seed, epoch])
@@ -512,12 +465,11 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray
 def train_batches(tokens, *, seq_len: int, global_batch: int, seed: int, start: DataPosition = DataPosition(),
                   num_devices: int = 1, process_index: int = 0,
                   process_count: int = 1) -> Iterator[tuple[DataPosition, dict]]:
-    """Shuffled training batches forever, from ``start``; yields (position AFTER the batch, batch).
+    """Shuffled training batches forever from ``start``; yields (position AFTER the batch, batch).
 
-    ``batch`` holds int32 ``inputs``/``targets`` and float32 ``mask`` (all ones), each
-    ``(num_devices, global_batch // (num_devices * process_count), seq_len)``. Process ``p``
-    gets rows ``[p * R, (p + 1) * R)`` of each global batch (R rows per process), so stacking the
-    processes' batches in order gives the single-process batch.
+    ``inputs``/``targets`` int32 and ``mask`` float32 (ones), each ``(num_devices, R // num_devices,
+    seq_len)``: process ``p`` gets rows ``[p * R, (p + 1) * R)`` of the global batch (``R = global_batch //
+    process_count``), so the processes' batches stacked are the single-process batch.
     """
     tokens = _as_stream(tokens)
     _check_layout(global_batch, num_devices, process_index, process_count, "global batch size")
@@ -525,8 +477,9 @@ def train_batches(tokens, *, seq_len: int, global_batch: int, seed: int, start: 
         raise UserError(f"seed must be >= 0, got {seed}")
     steps = steps_per_epoch(len(tokens), seq_len, global_batch)
     if start.epoch < 0 or not 0 <= start.step <= steps:
-        raise UserError(f"data position {start} is outside an epoch of {steps} steps at batch size {global_batch} and "
-                        f"seq_len {seq_len}; resume with the batch size and sequence length the run was started with")
+        raise UserError(f"data position {start} is outside an epoch of {steps} steps at batch size {global_batch} "
+                        f"and seq_len {seq_len}; resume with the batch size and sequence length the run was "
+                        "started with")
     rows = global_batch // process_count
     per_device = rows // num_devices
 
@@ -546,12 +499,11 @@ def train_batches(tokens, *, seq_len: int, global_batch: int, seed: int, start: 
 
 
 def eval_windows(n_tokens: int, seq_len: int, stride: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(start, first, last) per evaluation window: the window reads tokens[start : start + seq_len + 1]
-    and scores the targets with absolute index in [first, last] (target i = token i given tokens < i).
+    """(start, first, last) per window: it reads tokens[start : start + seq_len + 1] and scores targets
+    first..last (target i = token i given tokens < i).
 
-    stride=None: disjoint windows, the last one partial. stride=s: windows end s targets apart,
-    each scoring its last s targets with up to seq_len - 1 tokens of left context (the first
-    scores all of its own).
+    stride=None: disjoint windows. stride=s: windows end s targets apart, each scoring its last s
+    targets with up to seq_len - 1 tokens of context (the first window scores all of its own).
     """
     if seq_len < 1:
         raise UserError(f"seq_len must be >= 1, got {seq_len}")
@@ -569,8 +521,8 @@ def eval_windows(n_tokens: int, seq_len: int, stride: int | None = None) -> tupl
     return np.maximum(last - seq_len, 0), first, last
 
 
-def num_eval_batches(n_tokens: int, *, seq_len: int, batch_size: int, num_devices: int = 1, stride: int | None = None,
-                     process_count: int = 1) -> int:
+def num_eval_batches(n_tokens: int, *, seq_len: int, batch_size: int, num_devices: int = 1,
+                     stride: int | None = None, process_count: int = 1) -> int:
     """How many batches ``eval_batches`` yields."""
     _check_layout(batch_size, num_devices, 0, process_count, "eval batch size")
     return math.ceil(len(eval_windows(n_tokens, seq_len, stride)[0]) / batch_size)
@@ -578,10 +530,9 @@ def num_eval_batches(n_tokens: int, *, seq_len: int, batch_size: int, num_device
 
 def eval_batches(tokens, *, seq_len: int, batch_size: int, num_devices: int = 1, stride: int | None = None,
                  process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-    """Batches scoring every target of the stream exactly once over all processes (see ``eval_windows``).
+    """Batches scoring every target exactly once over all processes; dicts and rows as ``train_batches``.
 
-    Same dict and row split as ``train_batches``; the last window is padded (token 0, mask 0),
-    and the last batch is filled with all-masked rows.
+    The last window is padded (token 0, mask 0) and the last batch filled with all-masked rows.
     """
     tokens = _as_stream(tokens)
     _check_layout(batch_size, num_devices, process_index, process_count, "eval batch size")
@@ -607,13 +558,9 @@ def eval_batches(tokens, *, seq_len: int, batch_size: int, num_devices: int = 1,
     return generate()
 
 
-# ----------------------------------------------------------------------------------------------
-# CLI: prepare everything ahead of training and print what was prepared.
-
+# ----------------------------------------------------------------------------- CLI: prepare ahead of training
 
 def _define_flags():
-    from absl import flags
-
     fv = flags.FlagValues()
     flags.DEFINE_string("data_dir", None, f"folder with wiki.*.tokens or the zip archive, or the archive itself "
                         f"(default ${DATA_DIR_ENV}, then TFDS's manual dir, then a download)", flag_values=fv)
@@ -629,8 +576,6 @@ def _define_flags():
 
 
 def main(argv: Sequence[str]) -> None:
-    from gpt2_jax.cli import parse_flags
-
     fv = _define_flags()
     parse_flags(fv, argv, "Prepare WikiText-2 (TFDS builder, BPE tokenizer, token streams) and print its sizes.")
     if not fv.verbose:
@@ -648,6 +593,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from gpt2_jax.cli import run
-
     run(main)

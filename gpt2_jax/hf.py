@@ -1,18 +1,11 @@
 """Hugging Face interop: read and write GPT-2 checkpoint folders (``config.json`` + weights).
 
-A Hugging Face GPT-2 folder maps onto this package's parameters one to one: the names are
-OpenAI's (``transformer.h.0.attn.c_attn.weight`` is our ``h_0/attn/c_attn/kernel``), a
-``Conv1D`` weight is ``(in, out)`` like a Flax ``Dense`` kernel, and the LM head is tied to
-``wte``. Nothing is transposed, so an import followed by an export is bit-for-bit lossless.
-
-    cfg, params = load_hf("gpt2")              # config.json + model.safetensors (or pytorch_model.bin)
-    tokenizer = load_hf_tokenizer("gpt2")      # tokenizer.json, or vocab.json + merges.txt
-    save_hf(cfg, params, "out", tokenizer)     # loadable by transformers.GPT2LMHeadModel.from_pretrained
-
-Only ``safetensors`` is needed at run time; PyTorch is used (if installed) for the legacy
-``pytorch_model.bin``, always with ``weights_only=True`` so no pickled code is ever run.
-Checkpoints whose network differs from ours (other activations, Mistral-style attention
-scaling, cross-attention, an untied output head) are refused with one line saying why.
+The names are OpenAI's (``transformer.h.0.attn.c_attn.weight`` is our ``h_0/attn/c_attn/kernel``),
+a ``Conv1D`` weight is ``(in, out)`` like a Flax ``Dense`` kernel and the LM head is tied to ``wte``:
+nothing is transposed, so an import followed by an export is bit-for-bit lossless. Only
+``safetensors`` is needed; a legacy ``pytorch_model.bin`` goes through PyTorch (if installed) with
+``weights_only=True``, so no pickled code runs. Checkpoints whose network differs from ours (other
+activations, Mistral-style attention scaling, cross-attention, an untied head) are refused in one line.
 """
 
 from __future__ import annotations
@@ -47,8 +40,7 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"
 
-# The tanh approximation of GELU under every name transformers gives it (gelu_fast and the
-# PyTorch kernel differ from gelu_new only by float rounding).
+# The tanh GELU under each of transformers' names (gelu_fast, the PyTorch kernel: float rounding apart).
 TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_fast")
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 
@@ -70,13 +62,13 @@ _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bi
 def config_from_hf(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> GPT2Config:
     """Our ``GPT2Config`` for a Hugging Face GPT-2 ``config.json`` dict; ``UserError`` if unsupported.
 
-    ``dropout`` is GPT-2's ``resid_pdrop``; our single dropout rate also serves the embeddings,
-    so a differing ``embd_pdrop`` is replaced by ``resid_pdrop`` (with a warning). Dropout only
-    matters when fine-tuning; inference is exact either way.
+    Our one dropout rate is ``resid_pdrop``, so a differing ``embd_pdrop`` is replaced, with a
+    warning (it only matters when fine-tuning).
     """
     h = {**_HF_DEFAULTS, **hf}
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise UserError(f"{source}: model_type is {hf['model_type']!r}, not 'gpt2'; only GPT-2 checkpoints can be imported")
+        raise UserError(f"{source}: model_type is {hf['model_type']!r}, not 'gpt2'; "
+                        "only GPT-2 checkpoints can be imported")
     archs = hf.get("architectures") or []
     if any(a not in ARCHITECTURES for a in archs):
         raise UserError(f"{source}: architectures {archs} is not a GPT-2 language model; "
@@ -151,7 +143,7 @@ def _param_shapes(cfg: GPT2Config) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 
 def hf_name(path: tuple[str, ...]) -> str:
-    """``("h_0", "attn", "c_attn", "kernel")`` -> ``"h.0.attn.c_attn.weight"`` (no ``transformer.`` prefix)."""
+    """``("h_0", "attn", "c_attn", "kernel")`` -> ``"h.0.attn.c_attn.weight"`` (no ``transformer.``)."""
     *modules, leaf = path
     modules = [f"h.{m[2:]}" if re.fullmatch(r"h_\d+", m) else m for m in modules]
     return ".".join([*modules, _LEAF_TO_HF[leaf]])
@@ -160,8 +152,8 @@ def hf_name(path: tuple[str, ...]) -> str:
 def params_from_hf(state: Mapping[str, Any], cfg: GPT2Config, source: str = "checkpoint") -> dict:
     """Our float32 params from a GPT-2 state dict (names with or without ``transformer.``).
 
-    A ``lm_head.weight`` is accepted only if it equals ``wte`` (our head is tied). Unknown,
-    missing or misshapen tensors raise ``UserError`` naming the tensor.
+    An ``lm_head.weight`` must equal ``wte`` (our head is tied); an unknown, missing or misshapen
+    tensor is a ``UserError`` naming it.
     """
     by_name = {}
     for name, value in state.items():
@@ -218,7 +210,8 @@ def _read_json(path: pathlib.Path) -> dict:
     except ValueError as e:  # not JSON, or not even UTF-8
         raise UserError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(record, dict):
-        raise UserError(f"{path} holds a JSON {type(record).__name__}, not the object a Hugging Face folder has there")
+        raise UserError(f"{path} holds a JSON {type(record).__name__}, "
+                        "not the object a Hugging Face folder has there")
     return record
 
 
@@ -249,11 +242,8 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def read_hf_tensors(folder: str | os.PathLike) -> tuple[dict[str, Any], pathlib.Path]:
-    """All tensors of a checkpoint folder and the file they came from.
-
-    Tried in order: ``model.safetensors``, its sharded ``.index.json``, ``pytorch_model.bin``
-    (weights only) and its sharded index.
-    """
+    """All tensors of a checkpoint folder and the file they came from: ``model.safetensors``, its
+    sharded ``.index.json``, ``pytorch_model.bin`` or its index, in that order."""
     folder = pathlib.Path(folder)
     for name, reader in ((SAFETENSORS_FILE, _read_safetensors), (TORCH_FILE, _read_torch)):
         if (folder / name).is_file():
@@ -273,20 +263,25 @@ def read_hf_tensors(folder: str | os.PathLike) -> tuple[dict[str, Any], pathlib.
                     "(e.g. from `huggingface-cli download openai-community/gpt2 --local-dir gpt2`)")
 
 
-def read_config(folder: pathlib.Path) -> GPT2Config:
-    """Our config for the Hugging Face folder's ``config.json`` (no weights read)."""
+def _read_config_json(folder: pathlib.Path) -> dict:
     if not (folder / CONFIG_FILE).is_file():
         raise UserError(f"{folder} has no {CONFIG_FILE}; pass a Hugging Face GPT-2 checkpoint folder")
-    return config_from_hf(_read_json(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
+    return _read_json(folder / CONFIG_FILE)
+
+
+def read_config(folder: pathlib.Path) -> GPT2Config:
+    """Our config for the Hugging Face folder's ``config.json`` (no weights read)."""
+    return config_from_hf(_read_config_json(folder), str(folder / CONFIG_FILE))
 
 
 def load_hf(path: str | os.PathLike) -> tuple[GPT2Config, dict]:
     """``(cfg, params)`` of the Hugging Face GPT-2 checkpoint in folder ``path`` (float32 params)."""
     folder = pathlib.Path(path)
     if not folder.is_dir():
-        raise UserError(f"Hugging Face folder {folder} does not exist; pass a folder with config.json and model.safetensors")
-    cfg = read_config(folder)
-    hf = _read_json(folder / CONFIG_FILE)
+        raise UserError(f"Hugging Face folder {folder} does not exist; "
+                        "pass a folder with config.json and model.safetensors")
+    hf = _read_config_json(folder)
+    cfg = config_from_hf(hf, str(folder / CONFIG_FILE))
     state, source = read_hf_tensors(folder)
     params = params_from_hf(state, cfg, str(source))
     if not hf.get("tie_word_embeddings", True) and not any(k.endswith("lm_head.weight") for k in state):
@@ -296,7 +291,7 @@ def load_hf(path: str | os.PathLike) -> tuple[GPT2Config, dict]:
 
 
 def _gpt2_tokenizer(vocab: pathlib.Path, merges: pathlib.Path) -> tokenizers.Tokenizer:
-    """GPT-2's byte-level BPE from ``vocab.json`` + ``merges.txt``, built as transformers' GPT2Tokenizer does."""
+    """GPT-2's byte-level BPE from ``vocab.json`` + ``merges.txt``, built as transformers' GPT2Tokenizer."""
     tok = tokenizers.Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -315,7 +310,8 @@ def load_hf_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
             return _gpt2_tokenizer(folder / VOCAB_FILE, folder / MERGES_FILE)
         except Exception as e:  # noqa: BLE001 -- tokenizers raises bare Exceptions for unreadable files
             first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"{folder / VOCAB_FILE} + {MERGES_FILE} are not a readable BPE ({first_line})") from None
+            raise UserError(f"{folder / VOCAB_FILE} + {MERGES_FILE} are not a readable BPE "
+                            f"({first_line})") from None
     raise UserError(f"{folder} has no {TOKENIZER_FILE} nor {VOCAB_FILE} + {MERGES_FILE}; "
                     "copy the tokenizer files of the checkpoint into it")
 
@@ -329,11 +325,9 @@ def load_hf_with_tokenizer(path: str | os.PathLike) -> tuple[GPT2Config, dict, t
 
 def save_hf(cfg: GPT2Config, params: Mapping, path: str | os.PathLike,
             tokenizer: tokenizers.Tokenizer | None = None) -> pathlib.Path:
-    """Write ``params`` as a Hugging Face GPT-2 folder that ``GPT2LMHeadModel.from_pretrained`` loads.
+    """Write a folder ``GPT2LMHeadModel.from_pretrained`` (and, given ``tokenizer``, ``AutoTokenizer``) loads.
 
-    Writes ``config.json`` and ``model.safetensors`` (plus ``tokenizer.json`` and a
-    ``tokenizer_config.json`` for ``AutoTokenizer`` when ``tokenizer`` is given). Existing files
-    are never overwritten: ``UserError`` if any of them is already there.
+    ``UserError`` if any of its files already exists: nothing is ever overwritten.
     """
     folder = pathlib.Path(path)
     names = [CONFIG_FILE, SAFETENSORS_FILE] + ([TOKENIZER_FILE, TOKENIZER_CONFIG_FILE] if tokenizer else [])
@@ -349,8 +343,8 @@ def save_hf(cfg: GPT2Config, params: Mapping, path: str | os.PathLike,
     if tokenizer is not None:
         specials = {f"{k}_token": EOT for k in ("bos", "eos", "unk")} if eot_id is not None else {}
         files[TOKENIZER_FILE] = tokenizer.to_str()
-        files[TOKENIZER_CONFIG_FILE] = json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.n_ctx, **specials}, indent=2) + "\n"
+        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.n_ctx}
+        files[TOKENIZER_CONFIG_FILE] = json.dumps({**tokenizer_config, **specials}, indent=2) + "\n"
 
     folder.mkdir(parents=True, exist_ok=True)
     # Each file appears complete or not at all (written aside, then renamed).
@@ -361,8 +355,3 @@ def save_hf(cfg: GPT2Config, params: Mapping, path: str | os.PathLike,
         files_lib.write_atomic(folder / name, text)
     return folder
 
-
-__all__ = [
-    "config_from_hf", "config_to_hf", "hf_name", "params_from_hf", "params_to_hf", "read_hf_tensors",
-    "load_hf", "load_hf_tokenizer", "load_hf_with_tokenizer", "save_hf", "TANH_GELU_NAMES",
-]

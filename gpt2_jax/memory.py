@@ -1,9 +1,9 @@
-"""Fitting work into memory: what is free, how many rows of a compiled call fit, what an out-of-memory error is.
+"""Fitting work into memory: what is free, how many rows of a compiled call fit, what an OOM error is.
 
 XLA states what a compiled function will allocate (``memory_analysis``) before it runs, so a batch
-too large for the device is split before it starts instead of failing halfway. On CPU this also
-keeps the process from asking for memory the kernel would grant but cannot back (overcommit):
-that ends in the OOM killer, not in an error anyone can catch.
+too large is split before it starts instead of failing halfway. On CPU this also keeps the process
+from asking for memory the kernel would grant but cannot back (overcommit): that ends in the OOM
+killer, not in an error anyone can catch.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def _host_free_bytes() -> int | None:
         meminfo = pathlib.Path("/proc/meminfo").read_text()
     except OSError:
         return None
-    free = next((int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")),
-                None)
+    available = [line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    free = int(available[0]) * 1024 if available else None
     cgroup = pathlib.Path("/sys/fs/cgroup")
     for limit, usage in (("memory.max", "memory.current"),  # cgroup v2, then v1
                          ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
@@ -60,10 +60,8 @@ def _host_free_bytes() -> int | None:
 
 
 def free_bytes(devices: Sequence[jax.Device]) -> int | None:
-    """Bytes one call may allocate on EACH of ``devices`` (None: unknown, do not limit).
-
-    An accelerator reports its allocator's limit and use; CPU devices share the host's memory.
-    """
+    """Bytes one call may allocate on EACH of ``devices`` (None: unknown, do not limit); CPU devices
+    share the host's memory."""
     if all(d.platform == "cpu" for d in devices):
         free = _host_free_bytes()
         return None if free is None else int(HOST_SHARE * free) // len(devices)
@@ -85,11 +83,9 @@ def rows_that_fit(compile_for: Callable[[int], Any], rows: int, devices: Sequenc
                   multiple: int = 1) -> int:
     """Rows per call (at most ``rows``, a multiple of ``multiple``) so each call fits in free memory.
 
-    ``compile_for(n)`` compiles the call for ``n`` rows (jit caches it, so the call that follows
-    does not compile again). Memory grows about linearly with the rows: a call that does not fit
-    is shrunk in proportion, then along the line through the last two sizes tried, and checked
-    each time. The rows are then spread evenly over the calls (less padding in the last one).
-    ``OutOfMemory`` if even ``multiple`` rows do not fit.
+    ``compile_for(n)`` compiles for ``n`` rows (jit caches it for the call that follows). Memory is
+    about linear in the rows, so a misfit shrinks along the line through the last two sizes tried;
+    the rows are then spread evenly over the calls. ``OutOfMemory`` if even ``multiple`` rows do not fit.
     """
     free = free_bytes(devices)
     n, tried = rows, []
@@ -98,8 +94,8 @@ def rows_that_fit(compile_for: Callable[[int], Any], rows: int, devices: Sequenc
         if need <= free:
             break
         if n <= multiple:
-            raise OutOfMemory(f"{n} {'row needs' if n == 1 else 'rows need'} {size(need)}, more than the {size(free)} "
-                              f"that can be used")
+            raise OutOfMemory(f"{n} {'row needs' if n == 1 else 'rows need'} {size(need)}, "
+                              f"more than the {size(free)} that can be used")
         tried.append((n, need))
         (n1, need1), (n2, need2) = tried[-2:] if len(tried) > 1 else ((0, 0), tried[-1])
         per_row = (need2 - need1) / (n2 - n1)

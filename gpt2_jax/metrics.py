@@ -21,7 +21,7 @@ from gpt2_jax import files
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """All records of a JSON-lines file ([] if it does not exist); a torn last line (crash mid-write) is skipped."""
+    """All records of a JSON-lines file ([] if absent); a torn last line (crash mid-write) is skipped."""
     path = pathlib.Path(path)
     if not path.is_file():
         return []
@@ -45,7 +45,7 @@ def append_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
 
 
 def drop_records_after(path: str | os.PathLike, step: int) -> int:
-    """Rewrite ``path`` (atomically) without the records whose ``step`` exceeds ``step``; returns how many went."""
+    """Rewrite ``path`` atomically without the records past ``step``; returns how many went."""
     records = read_jsonl(path)
     kept = [r for r in records if r["step"] <= step]
     path = pathlib.Path(path)
@@ -65,7 +65,7 @@ def moving_average(x: Sequence[float], window: int) -> np.ndarray:
 
 def plot_losses(steps_records: Sequence[dict], eval_records: Sequence[dict], out_png: str | os.PathLike, *,
                 steps_per_epoch: int, vocab_size: int | None = None, title: str = "") -> None:
-    """Train loss per step (raw and smoothed) and validation/test loss per evaluation, steps below and epochs above."""
+    """Train loss per step (raw and smoothed) and validation/test loss per evaluation, by step and epoch."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -76,7 +76,8 @@ def plot_losses(steps_records: Sequence[dict], eval_records: Sequence[dict], out
         s = np.array([r["step"] for r in steps_records])
         loss = np.array([r["loss"] for r in steps_records])
         ax.plot(s, loss, color="tab:blue", alpha=0.25, lw=0.8)
-        ax.plot(s, moving_average(loss, max(1, len(loss) // 50)), color="tab:blue", lw=1.6, label="train (smoothed)")
+        smoothed = moving_average(loss, max(1, len(loss) // 50))
+        ax.plot(s, smoothed, color="tab:blue", lw=1.6, label="train (smoothed)")
     for split, style in (("validation", dict(color="tab:orange", marker="o", lw=1.6)),
                          ("test", dict(color="tab:red", marker="*", ms=10, ls="none"))):
         ev = [r for r in eval_records if r["split"] == split]

@@ -3,14 +3,10 @@
     tokens_BT ─► wte + wpe ─► dropout ─► Block × L ─► ln_f ─► x @ wteᵀ ─► logits_BTV
     Block:  x + dropout(attn(ln_1(x)))  then  x + dropout(mlp(ln_2(x)))          (pre-LayerNorm)
 
-Parameter names and layouts follow OpenAI's GPT-2 (``wte``, ``h_0/attn/c_attn``, ...), and a
-Flax ``Dense`` kernel is ``(in, out)`` exactly like GPT-2's ``Conv1D`` weight, so released
-checkpoints map onto these parameters one to one.
-
-The same forward pass serves training (no cache, causal mask) and decoding: pass a
-``KVCache`` and the absolute position of every token, and the new keys/values are written at
-those positions while each query attends to the cache slots at or before its own position.
-Rows of a batch may sit at different positions (prompts of different lengths).
+Parameter names and layouts are OpenAI's (``wte``, ``h_0/attn/c_attn``, ``Dense`` kernels ``(in, out)``
+like GPT-2's ``Conv1D``), so released checkpoints map on one to one. One forward pass serves training
+and decoding: given a ``KVCache`` and each token's absolute position (rows may differ), new keys and
+values are written at those positions and each query attends to the slots at or before its own.
 """
 
 from __future__ import annotations
@@ -250,10 +246,8 @@ def chunked_token_nll(x_BTD: jax.Array, wte_VD: jax.Array, targets_BT: jax.Array
                       chunk_rows: int = 256) -> jax.Array:
     """``token_nll`` of the tied head's logits ``x_BTD @ wte_VDᵀ``, ``chunk_rows`` tokens at a time.
 
-    The B·T x V float32 logits are never held at once, forward or backward: each chunk's logits
-    are recomputed in the backward pass (``jax.checkpoint``), so the head's memory is one chunk's
-    (256 x 32000 x 4 bytes = 33 MB, against 262 MB for tiny's batch of 16 x 128). The head's dot
-    takes bf16 inputs with float32 accumulation when the features are bf16.
+    The B·T x V float32 logits are never held at once: each chunk's are recomputed in the backward
+    pass (``jax.checkpoint``). bf16 features give a bf16 dot with float32 accumulation.
     """
     B, T, D = x_BTD.shape
     N = B * T

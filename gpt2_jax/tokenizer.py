@@ -1,14 +1,9 @@
 """GPT-2-style byte-level BPE tokenizer (Hugging Face ``tokenizers``), trained on WikiText-2's train split.
 
-The recipe is GPT-2's: every string is first seen as UTF-8 bytes mapped to 256 printable
-symbols, split with GPT-2's pre-tokenisation regex (no prefix space is added, so an encoding
-decodes to exactly the string it came from), then merged by BPE. The vocabulary is the 256 byte
-symbols, the ``<|endoftext|>`` special token and learned merges, ``vocab_size`` entries in all.
-Since every byte has a token, any text is encodable and ``decode(encode(text)) == text``.
-
-A run saves its tokenizer as ``tokenizer.json`` beside its checkpoints and always loads it from
-there, so a model never meets a tokenizer it was not trained with; ``check_vocab_matches`` turns a
-mismatch into a clear error. Training is cached by a hash of the data and the settings.
+GPT-2's recipe: UTF-8 bytes mapped to 256 printable symbols, GPT-2's pre-tokenisation regex with no
+prefix space, then BPE merges. Every byte has a token, so any text encodes and
+``decode(encode(text)) == text``. A run saves its tokenizer as ``tokenizer.json`` and always loads it
+from there, so a model never meets a tokenizer it was not trained with.
 """
 
 from __future__ import annotations
@@ -27,7 +22,7 @@ from gpt2_jax.config import GPT2Config
 
 EOT = "<|endoftext|>"
 
-# Bump when the recipe below changes, so cached tokenizers trained by an older recipe are not reused.
+# Bump when the recipe below changes: cached tokenizers of an older recipe are then not reused.
 _RECIPE_VERSION = 1
 
 
@@ -64,8 +59,9 @@ def _training_key(lines: Sequence[str], vocab_size: int) -> str:
     return h.hexdigest()
 
 
-def load_or_train_tokenizer(lines: Sequence[str], cache_dir: str | os.PathLike, vocab_size: int = 32000) -> Tokenizer:
-    """The tokenizer trained on ``lines`` with ``vocab_size``, from ``cache_dir`` if it was trained before."""
+def load_or_train_tokenizer(lines: Sequence[str], cache_dir: str | os.PathLike,
+                            vocab_size: int = 32000) -> Tokenizer:
+    """The tokenizer trained on ``lines`` with ``vocab_size``, from ``cache_dir`` if trained before."""
     path = pathlib.Path(cache_dir) / f"bpe-{vocab_size}-{_training_key(lines, vocab_size)[:20]}.json"
     cached = files.read_verified(path)  # None: never trained, or damaged since
     if cached is not None:
@@ -76,7 +72,7 @@ def load_or_train_tokenizer(lines: Sequence[str], cache_dir: str | os.PathLike, 
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
-    """Write ``tok`` as JSON at ``path`` atomically (a reader never sees a half-written file)."""
+    """Write ``tok`` as JSON at ``path`` atomically."""
     files.write_atomic(path, tok.to_str())
 
 
@@ -84,16 +80,18 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer saved by ``save_tokenizer`` (or any ``tokenizers`` JSON file)."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise UserError(f"tokenizer file {path} does not exist; pass the run directory that holds tokenizer.json")
+        raise UserError(f"tokenizer file {path} does not exist; "
+                        "pass the run directory that holds tokenizer.json")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises bare Exceptions for malformed JSON
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"tokenizer file {path} is not a readable tokenizers JSON file ({first_line})") from None
+        raise UserError(f"tokenizer file {path} is not a readable tokenizers JSON file "
+                        f"({first_line})") from None
 
 
 def tokenizer_fingerprint(tok: Tokenizer) -> str:
-    """A stable short hash of the tokenizer's JSON: equal fingerprints encode text identically."""
+    """A short hash of the tokenizer's JSON: equal fingerprints encode text identically."""
     return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()[:16]
 
 
