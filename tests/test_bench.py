@@ -35,6 +35,7 @@ def _losses(cfg, steps=40):
     return np.array(out), state
 
 
+@pytest.mark.slow
 def test_bfloat16_training_tracks_float32_within_noise(micro_cfg):
     f32, state32 = _losses(micro_cfg)
     bf16, state16 = _losses(micro_cfg.replace(dtype="bfloat16"))
@@ -49,6 +50,7 @@ def _cli(*args):
                           timeout=600, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
 
 
+@pytest.mark.slow
 def test_train_bench_prints_one_consistent_json_line_last():
     proc = _cli("train", "--size=tiny", "--batch_size=2", "--steps=2", "--warmup=0")
     assert proc.returncode == 0, proc.stderr
@@ -62,6 +64,7 @@ def test_train_bench_prints_one_consistent_json_line_last():
     assert r["mfu_measured_peak"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_generate_bench_prints_one_consistent_json_line_last():
     proc = _cli("generate", "--size=tiny", "--batch_size=2", "--new_tokens=4", "--repeats=1", "--method=nucleus")
     assert proc.returncode == 0, proc.stderr
@@ -75,6 +78,7 @@ def test_generate_bench_prints_one_consistent_json_line_last():
         100 * r["weight_bytes"] * r["new_tokens_per_s"] / 2 / (r["roofline"]["memory_gbps"] * 1e9), abs=0.1)
 
 
+@pytest.mark.slow
 def test_roofline_measures_matmul_peaks_and_bandwidth_of_this_machine():
     r = bench.roofline(n=256, stream_mib=16)
     assert r["matmul_n"] == 256 and r["stream_mib"] == 16 and r["device"] == "cpu"
@@ -86,6 +90,7 @@ def test_roofline_measures_matmul_peaks_and_bandwidth_of_this_machine():
     assert line["bench"] == "roofline" and set(r) <= set(line)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [(["fly"], "subcommand"), (["train", "--size=huge"], "--size"),
                                          (["generate", "--prompt_len=500"], "--prompt_len")])
 def test_bench_user_errors_exit_2_with_one_line(args, needle):

@@ -163,6 +163,7 @@ def test_a_save_killed_midway_leaves_a_tmp_folder_that_is_never_listed_or_loaded
     assert pretrained.load_run(tmp_path).step == 10
 
 
+@pytest.mark.slow
 def test_state_with_optimizer_namedtuples_round_trips_bitwise(tmp_path, cfg):
     import optax
 

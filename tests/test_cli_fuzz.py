@@ -209,6 +209,7 @@ def _assert_exit_2_one_line(proc, name):
     assert proc.stdout == b""
 
 
+@pytest.mark.slow
 def test_non_utf8_prompt_bytes_are_refused_in_one_line_not_sampled(micro_run):
     proc = _python_m("sample", f"--run_dir={micro_run}", b"--prompt=\xff\xfe", "--max_new_tokens=2")
     _assert_exit_2_one_line(proc, "prompt")
@@ -218,6 +219,7 @@ def test_non_utf8_prompt_bytes_are_refused_in_one_line_not_sampled(micro_run):
                           b"give the text in UTF-8\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool,args,name", [
     ("train", ["--run_dir={tmp}/run", "--noquiet=1"], "quiet"),
     ("evaluate", ["--run_dir={tmp}/run", "--seq_len=8", "--stride=9"], "stride"),

@@ -70,6 +70,7 @@ def test_unknown_split_or_variant_is_a_user_error(wikitext_dir, cache_dir):
 # Token streams.
 
 
+@pytest.mark.slow
 def test_each_stream_is_eot_then_exactly_the_split_text(corpus, lines):
     tok = corpus.tokenizer
     assert tokenizer_lib.num_tokens(tok) == 32_000
@@ -86,6 +87,7 @@ def test_each_stream_is_eot_then_exactly_the_split_text(corpus, lines):
     assert corpus.bytes == {"train": 10_797_148, "validation": 1_121_681, "test": 1_256_449}  # the file sizes
 
 
+@pytest.mark.slow
 def test_streams_are_cached_by_tokenizer_fingerprint(corpus, wikitext_dir, cache_dir, lines, monkeypatch):
     fingerprint = tokenizer_lib.tokenizer_fingerprint(corpus.tokenizer)
     stream_dir = cache_dir / "streams" / f"wikitext-2-v1-{fingerprint}"
@@ -282,6 +284,7 @@ def test_eval_process_shards_together_cover_the_split_once():
     np.testing.assert_array_equal(counts[1:], 1)
 
 
+@pytest.mark.slow
 def test_eval_on_validation_scores_every_text_token_once(corpus):
     stream = corpus.tokens["validation"]
     scored = sum(float(b["mask"].sum()) for b in data.eval_batches(stream, seq_len=128, batch_size=16,
@@ -294,6 +297,7 @@ def test_bad_eval_stride_is_a_user_error():
         data.num_eval_batches(100, seq_len=8, batch_size=4, stride=9)
 
 
+@pytest.mark.slow
 def test_prepare_cli_prints_the_sizes_of_what_it_prepared(corpus, wikitext_dir, cache_dir, capsys):
     data.main(["data", f"--data_dir={wikitext_dir}", f"--cache_dir={cache_dir}"])
     out = capsys.readouterr().out

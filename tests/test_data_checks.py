@@ -113,6 +113,7 @@ def test_data_dir_without_the_files_or_with_other_files_is_refused_although_cach
                             f"{HINT}")
 
 
+@pytest.mark.slow
 def test_prepare_corpus_verifies_the_data_dir_once_even_when_the_data_is_cached(cache, wikitext_dir, originals,
                                                                                monkeypatch):
     verified = []
@@ -124,6 +125,7 @@ def test_prepare_corpus_verifies_the_data_dir_once_even_when_the_data_is_cached(
     assert corpus.bytes == {"train": 10_797_148, "validation": 1_121_681, "test": 1_256_449}
 
 
+@pytest.mark.slow
 def test_data_cli_with_a_data_dir_that_does_not_exist_exits_2_with_one_line(cache, tmp_path, cli_env):
     missing = tmp_path / "no_such"
     proc = _data_cli(cli_env, f"--data_dir={missing}", f"--cache_dir={cache}", "--vocab_size=258")
@@ -157,6 +159,7 @@ def test_train_and_evaluate_refuse_a_data_dir_that_does_not_exist(cache, tmp_pat
 # Item 5: one line of ours when the data is prepared; TFDS's own output only with --verbose.
 
 
+@pytest.mark.slow
 def test_first_preparation_prints_one_line_of_ours_and_nothing_of_tfds(wikitext_dir, tmp_path, cli_env):
     cache = tmp_path / "cache"
     flags = (f"--data_dir={wikitext_dir}", f"--cache_dir={cache}", "--vocab_size=258")
@@ -172,6 +175,7 @@ def test_first_preparation_prints_one_line_of_ours_and_nothing_of_tfds(wikitext_
     assert again.stdout.splitlines()[:-1] == lines[1:-1]
 
 
+@pytest.mark.slow
 def test_verbose_shows_what_tensorflow_datasets_prints(wikitext_dir, tmp_path, cli_env):
     proc = _data_cli(cli_env, f"--data_dir={wikitext_dir}", f"--cache_dir={tmp_path / 'cache'}", "--vocab_size=258",
                      "--verbose")
@@ -228,6 +232,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_damaged_prepared_data_is_rebuilt_with_one_warning(cache, wikitext_dir, originals, capsys, damage):
     DAMAGE[damage](_version_dir(cache))
@@ -242,6 +247,7 @@ def test_damaged_prepared_data_is_rebuilt_with_one_warning(cache, wikitext_dir, 
     assert _warnings(capsys.readouterr().err) == []
 
 
+@pytest.mark.slow
 def test_prepared_split_that_reads_but_is_not_the_source_text_is_rebuilt(wikitext_dir, originals, tmp_path,
                                                                          monkeypatch, capsys):
     other = tmp_path / "other"

@@ -193,6 +193,7 @@ def two_processes(env, tmp_path_factory):
     return run_dir, _run(env, run_dir, *SHORT, processes=2, devices=1)
 
 
+@pytest.mark.slow
 def test_two_processes_train_bitwise_like_one_process_with_two_devices(one_process, two_processes):
     run_dir, _ = two_processes
     _assert_same_run(run_dir, one_process)
@@ -200,6 +201,7 @@ def test_two_processes_train_bitwise_like_one_process_with_two_devices(one_proce
                                                                                       ("test", 6)]
 
 
+@pytest.mark.slow
 def test_two_processes_of_one_device_train_like_one_process_with_one_device(env, two_processes, tmp_path):
     one = tmp_path / "one_process_one_device"
     _run(env, one, *SHORT, processes=1, devices=1)
@@ -211,6 +213,7 @@ def test_two_processes_of_one_device_train_like_one_process_with_one_device(env,
     chex.assert_trees_all_close(_params(two_processes[0], 6), _params(one, 6), atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_two_processes_with_two_devices_each_match_one_process_with_four(env, tmp_path):
     four, two_by_two = tmp_path / "one_process_four_devices", tmp_path / "two_processes_two_devices"
     _run(env, four, *SHORT, processes=1, devices=4)
@@ -225,6 +228,7 @@ def test_two_processes_with_two_devices_each_match_one_process_with_four(env, tm
     chex.assert_trees_all_close(_params(two_by_two, 6), _params(four, 6), atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_only_process_0_writes_logs_metrics_and_files(one_process, two_processes):
     run_dir, (err0, err1) = two_processes
     assert err1 == "", err1  # process 1 is silent
@@ -234,6 +238,7 @@ def test_only_process_0_writes_logs_metrics_and_files(one_process, two_processes
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in one_process.iterdir())
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_by_two_processes_resumes_in_one_and_ends_identical(env, one_process, two_processes,
                                                                              tmp_path):
     run_dir = tmp_path / "resumed_in_one"
@@ -243,6 +248,7 @@ def test_checkpoint_saved_by_two_processes_resumes_in_one_and_ends_identical(env
     _assert_same_run(run_dir, one_process)
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_by_one_process_resumes_in_two_and_ends_identical(env, one_process, tmp_path):
     run_dir = tmp_path / "resumed_in_two"
     shutil.copytree(one_process, run_dir)
@@ -251,6 +257,7 @@ def test_checkpoint_saved_by_one_process_resumes_in_two_and_ends_identical(env, 
     _assert_same_run(run_dir, one_process)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(env, tmp_path):
     run_dir = tmp_path / "term"
     procs = _start(env, run_dir, "--max_steps=100000", "--ckpt_every=100000", "--eval_every=100000",
@@ -274,6 +281,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(
     assert pretrained.load_run(run_dir).step == last
 
 
+@pytest.mark.slow
 def test_sigterm_reaches_both_processes_within_seconds_however_far_apart_log_every_is(env, tmp_path):
     run_dir = tmp_path / "term_slow"
     # Steps of ~0.1-0.5 s: --log_every=1000 steps would be minutes; check-ins come every few seconds.
@@ -300,6 +308,7 @@ def test_sigterm_reaches_both_processes_within_seconds_however_far_apart_log_eve
     assert waited < 15 + 3 * seconds_per_step, (waited, seconds_per_step, last)
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_all_devices_of_all_processes_is_one_line_and_exit_2_everywhere(env, tmp_path):
     errs = _run(env, tmp_path / "r", "--batch_size=9", processes=2, devices=1, expect_rc=2)
     assert errs == ["error: --batch_size=9 is not divisible by the 2 devices (2 processes x 1 local devices); "

@@ -91,11 +91,13 @@ def test_environment_variable_names_the_data_dir(wikitext_dir, tmp_path, monkeyp
     assert _text(lines) == expected_valid
 
 
+@pytest.mark.slow
 def test_archive_or_folder_holding_the_archive_is_read(archive, tmp_path, expected_valid):
     assert _text(data.load_split_lines("validation", archive, tfds_dir=tmp_path / "a")) == expected_valid
     assert _text(data.load_split_lines("validation", archive.parent, tfds_dir=tmp_path / "b")) == expected_valid
 
 
+@pytest.mark.slow
 def test_tfds_manual_dir_is_used_when_no_data_dir_is_given(archive, tmp_path, expected_valid):
     manual = tmp_path / "tfds" / "downloads" / "manual"
     manual.mkdir(parents=True)
@@ -104,6 +106,7 @@ def test_tfds_manual_dir_is_used_when_no_data_dir_is_given(archive, tmp_path, ex
     assert _text(lines) == expected_valid
 
 
+@pytest.mark.slow
 def test_download_from_local_http_server_with_browser_user_agent(archive, tmp_path, expected_valid):
     with _Server(archive.read_bytes()) as server:
         lines = data.load_split_lines("validation", tfds_dir=tmp_path / "tfds", download_url=server.url)

@@ -33,6 +33,7 @@ def stream(micro_cfg):
     return np.asarray(jax.random.randint(jax.random.PRNGKey(7), (45,), 0, micro_cfg.vocab_size), np.int32)
 
 
+@pytest.mark.slow
 def test_disjoint_windows_match_independent_per_token_sum(micro_cfg, stream):
     params = init_params(micro_cfg, jax.random.PRNGKey(0))
     T = 8
@@ -45,6 +46,7 @@ def test_disjoint_windows_match_independent_per_token_sum(micro_cfg, stream):
     assert result.bits_per_byte == pytest.approx(ref / math.log(2) / 5000, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sliding_stride_one_gives_every_token_full_left_context(micro_cfg, stream):
     params = init_params(micro_cfg, jax.random.PRNGKey(0))
     T = 8
@@ -128,6 +130,7 @@ def tiny_run(tmp_path_factory, wikitext_dir):
     return root, cfg, params, tok
 
 
+@pytest.mark.slow
 def test_cli_prints_one_json_line_consistent_with_library(tiny_run, wikitext_dir):
     root, cfg, params, tok = tiny_run
     env = {"GPT2_JAX_CACHE": str(root / "cache"), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
@@ -149,6 +152,7 @@ def test_cli_prints_one_json_line_consistent_with_library(tiny_run, wikitext_dir
     assert saved["nll_sum"] == record["nll_sum"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
     (["--split=dev"], "--split"),
     (["--stride=0"], "--stride"),
@@ -166,6 +170,7 @@ def test_cli_user_errors_exit_2_with_one_line(tiny_run, args, needle):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_out_of_memory_is_one_line_saying_lower_batch_size_and_leaves_saved_results(tiny_run, wikitext_dir,
                                                                                          monkeypatch, capsys):
     root = tiny_run[0]

@@ -131,6 +131,7 @@ def _wait_and_kill(proc, run_dir, mode, delay, deadline=120.0):
     return True
 
 
+@pytest.mark.slow
 def test_killed_at_random_moments_and_rerun_each_time_ends_bitwise_identical_to_the_uninterrupted_run(
         cli_env, reference, tmp_path):
     run_dir = tmp_path / "killed"
@@ -159,6 +160,7 @@ def test_killed_at_random_moments_and_rerun_each_time_ends_bitwise_identical_to_
 # ---------------------------------------------------------------- one process per run directory
 
 
+@pytest.mark.slow
 def test_a_second_process_on_a_run_dir_in_use_is_refused_and_a_killed_holder_leaves_no_lock(cli_env, tmp_path):
     run_dir = tmp_path / "busy"
     holder = _start(cli_env, run_dir, "--max_steps=100000", "--ckpt_every=100000", "--eval_every=100000")
@@ -213,6 +215,7 @@ INTACT = (r"; the newest complete checkpoint, step (\d+), is intact; free disk s
           r"writable, then run the same command to resume\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["checkpoint", "metrics"])
 def test_a_full_disk_stops_with_one_line_keeps_the_last_checkpoint_and_the_rerun_resumes_identically(
         cli_env, reference, tmp_path, what):
@@ -267,6 +270,7 @@ runpy.run_module("gpt2_jax.train", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_a_checkpoint_folder_turned_unwritable_while_saving_stops_with_one_line_and_the_last_checkpoint_intact(
         cli_env, reference, tmp_path):
     run_dir = tmp_path / "readonly"

@@ -24,6 +24,8 @@ from gpt2_jax import data
 from gpt2_jax.metrics import read_jsonl
 from gpt2_jax.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.slow  # every test trains or runs the CLI in subprocesses
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 V, N_CTX = 512, 32
 COMMON = ("--batch_size=8", "--eval_batch_size=64", "--quiet")

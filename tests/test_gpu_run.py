@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "gpu_run.sh"
 
@@ -42,6 +44,7 @@ def test_gpu_run_parses():
     subprocess.run(["bash", "-n", str(REPO / "experiments" / "rehearse_gpu_run.sh")], check=True)
 
 
+@pytest.mark.slow
 def test_every_flag_gpu_run_passes_exists():
     commands = _commands()
     assert set(commands) == {"bench_gpu", "seed_reproduction", "best_recipe"}, commands

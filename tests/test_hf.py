@@ -98,6 +98,7 @@ def _assert_params_bitwise_equal(a, b):
 
 # ----------------------------------------------------------------------------- import
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
 def test_imported_logits_equal_transformers(name, tmp_path):
     hf_config = HF_CONFIGS[name]
@@ -137,6 +138,7 @@ def test_openai_layout_without_prefix_and_with_mask_buffers_loads_identically(ti
     _assert_params_bitwise_equal(hf.load_hf(d)[1], hf.load_hf(tiny_hf_dir)[1])
 
 
+@pytest.mark.slow
 def test_untied_head_equal_to_wte_is_accepted_and_a_different_one_refused(tmp_path):
     model = _hf_model(seed=2, tie_word_embeddings=False, **HF_CONFIGS["2L-32d-4h-default-ffn"])
     with torch.no_grad():
@@ -291,6 +293,7 @@ def small_tokenizer():
     return train_tokenizer(lines, vocab_size=300)
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_and_agrees(small_tokenizer, tmp_path):
     cfg = GPT2Config(vocab_size=300, n_ctx=24, n_layer=3, d_model=48, n_head=6, d_ff=112, layer_norm_eps=1e-6,
                      dropout=0.0, attn_dropout=0.05)
@@ -315,6 +318,7 @@ def test_export_loads_in_transformers_and_agrees(small_tokenizer, tmp_path):
     assert hf_tok.eos_token == EOT
 
 
+@pytest.mark.slow
 def test_round_trip_is_bitwise_lossless_both_ways(tiny_hf_dir, small_tokenizer, tmp_path):
     # ours -> HF -> ours
     cfg = GPT2Config(vocab_size=300, n_ctx=8, n_layer=2, d_model=16, n_head=2, d_ff=40, layer_norm_eps=3e-5,
@@ -335,6 +339,7 @@ def test_round_trip_is_bitwise_lossless_both_ways(tiny_hf_dir, small_tokenizer, 
         np.testing.assert_array_equal(again[name].view(np.uint32), original[name].view(np.uint32), err_msg=name)
 
 
+@pytest.mark.slow
 def test_export_never_overwrites_and_vocab_or_merges_tokenizer_matches_transformers(small_tokenizer, tiny_hf_dir,
                                                                                      tmp_path):
     cfg, params = hf.load_hf(tiny_hf_dir)
@@ -358,8 +363,9 @@ def test_export_never_overwrites_and_vocab_or_merges_tokenizer_matches_transform
 
 # ----------------------------------------------------------------------------- generation and CLI
 
+@pytest.mark.slow
 def test_greedy_kv_cache_generate_equals_transformers_token_for_token(tmp_path):
-    from gpt2_jax.sample import generate
+    from gpt2_jax.decode import generate
 
     model = _hf_model(seed=7, **HF_CONFIGS["4L-64d-8h-ffn96-eps1e-3"])
     with torch.no_grad():  # strong position embeddings: a random model's greedy text then varies
@@ -381,7 +387,7 @@ def test_greedy_kv_cache_generate_equals_transformers_token_for_token(tmp_path):
 
 def test_convert_cli_imports_a_run_and_exports_it_back_bit_for_bit(small_tokenizer, tmp_path, capsys):
     from gpt2_jax import convert
-    from gpt2_jax.checkpoint import load_run
+    from gpt2_jax.pretrained import load_run
 
     hf_dir, run_dir, out_dir = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
     _hf_model(seed=9, **HF_CONFIGS["2L-40d-5h-vocab300-eps1e-2"]).save_pretrained(hf_dir)
@@ -423,6 +429,7 @@ def test_convert_cli_mistakes_exit_2_with_one_line(args, message, tiny_hf_dir, t
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_sample_cli_with_hf_dir_continues_greedily_like_transformers(small_tokenizer, tmp_path):
     import io
 

@@ -26,6 +26,7 @@ def test_forward_shapes_and_dtypes(micro_cfg):
     assert "bias" in params["h_0"]["attn"]["c_attn"] and "lm_head" not in params  # tied head
 
 
+@pytest.mark.slow
 def test_init_statistics_follow_gpt2(micro_cfg):
     cfg = micro_cfg.replace(d_model=256, n_head=4, d_ff=1024, n_layer=8)
     params = init_params(cfg, jax.random.PRNGKey(0))
@@ -48,6 +49,7 @@ def test_causality_future_tokens_never_change_past_logits(micro_cfg):
         assert float(jnp.abs(out[:, t] - base[:, t]).max()) > 1e-4  # the changed position itself moves
 
 
+@pytest.mark.slow
 def test_deterministic_vs_dropout(micro_cfg):
     params = init_params(micro_cfg, jax.random.PRNGKey(0))
     tokens = _tokens(micro_cfg, 2, 10)
@@ -63,6 +65,7 @@ def test_deterministic_vs_dropout(micro_cfg):
                                        rng=jax.random.PRNGKey(1)), a, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_attention_dropout_path_matches_fused_without_dropout():
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 6, 3, 8)) for i in range(3))
     fused = attend(q, k, v, None)
@@ -87,6 +90,7 @@ class TestJitAgrees(chex.TestCase):
         np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_vmap_and_grad_through_model(micro_cfg):
     params = init_params(micro_cfg, jax.random.PRNGKey(0))
     tokens = _tokens(micro_cfg, 4, 8)
@@ -130,6 +134,7 @@ def test_cached_prefill_and_decode_match_full_forward(micro_cfg):
         np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_rows_at_different_positions_share_one_cache(micro_cfg):
     """Row 0 has a 3-token prompt, row 1 a 6-token prompt: per-row positions keep them independent."""
     params = init_params(micro_cfg, jax.random.PRNGKey(0))
@@ -143,6 +148,7 @@ def test_rows_at_different_positions_share_one_cache(micro_cfg):
     np.testing.assert_allclose(step[1, 0], forward(params, micro_cfg, b[None])[0, 6], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_logits(micro_cfg):
     params = init_params(micro_cfg, jax.random.PRNGKey(0))
     tokens = _tokens(micro_cfg, 2, 10)
@@ -153,6 +159,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(micro_cfg):
     assert 0 < err < 0.1  # bf16 really is used (not bitwise equal), yet close
 
 
+@pytest.mark.slow
 def test_remat_gives_same_loss_and_grads(micro_cfg):
     params = init_params(micro_cfg, jax.random.PRNGKey(0))
     tokens = _tokens(micro_cfg, 2, 9)
@@ -165,6 +172,7 @@ def test_remat_gives_same_loss_and_grads(micro_cfg):
     chex.assert_trees_all_close(g1, g2, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, rtol", [("float32", 1e-6), ("bfloat16", 0.03)])
 @pytest.mark.parametrize("chunk_rows", [5, 16, 64])  # 3 x 7 = 21 tokens: padded chunks, one chunk
 def test_chunked_head_loss_and_gradients_equal_the_full_logits(micro_cfg, dtype, rtol, chunk_rows):
@@ -188,6 +196,7 @@ def test_chunked_head_loss_and_gradients_equal_the_full_logits(micro_cfg, dtype,
     assert float(jnp.abs(gb["wte"]["embedding"]).max()) > 0.1 * scale  # the head's gradient reaches wte
 
 
+@pytest.mark.slow
 def test_chunked_head_never_holds_the_full_logits_of_the_batch():
     # Tiny's head at a batch of 16 x 128: 262 MB of float32 logits (and as much for their gradient)
     # in the plain loss; XLA's own account of the compiled step's scratch memory says what is held.

@@ -111,6 +111,7 @@ def test_greedy_generate_equals_argmax_of_repeated_full_forward(cfg, params):
     np.testing.assert_array_equal(out[0], expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slide_keep", [1, 8, 15, 16])
 def test_generation_beyond_the_context_follows_the_sliding_window_semantics(cfg, params, slide_keep):
     prompt = _tokens(cfg, 5, seed=7)
@@ -119,6 +120,7 @@ def test_generation_beyond_the_context_follows_the_sliding_window_semantics(cfg,
     assert out.shape == (1, 50) and out.min() >= 0 and out.max() < cfg.vocab_size
 
 
+@pytest.mark.slow
 def test_default_window_keeps_half_the_context_and_the_window_size_matters(cfg, params):
     prompt = _tokens(cfg, 5, seed=7)
     default = np.asarray(generate(params, cfg, prompt[None], max_new_tokens=45))[0]
@@ -127,6 +129,7 @@ def test_default_window_keeps_half_the_context_and_the_window_size_matters(cfg, 
     assert (default[cfg.n_ctx + 1:] != exact[cfg.n_ctx + 1:]).any()  # the reference can tell windows apart
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_the_context_starts_from_its_last_n_ctx_tokens(cfg, params):
     prompt = _tokens(cfg, 21, seed=8)
     out = np.asarray(generate(params, cfg, prompt[None], max_new_tokens=12))
@@ -134,6 +137,7 @@ def test_prompt_longer_than_the_context_starts_from_its_last_n_ctx_tokens(cfg, p
     np.testing.assert_array_equal(out[0, :21], prompt)
 
 
+@pytest.mark.slow
 def test_padded_batch_rows_equal_their_unpadded_single_row_results(cfg, params):
     """Rows of lengths 3, 9, 14 and 20 (> n_ctx) reach the context's end at different steps."""
     lengths = [3, 9, 14, 20]
@@ -165,6 +169,7 @@ def test_eos_stops_a_row_which_then_emits_only_eos(cfg, params):
 
 # ─── sampling through generate ───────────────────────────────────────────────────────────────────
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["top_k", "nucleus", "top_k_nucleus"])
 def test_same_seed_gives_same_tokens_and_another_seed_other_tokens(cfg, params, method):
     prompt = _tokens(cfg, 4, seed=30)[None]
@@ -175,6 +180,7 @@ def test_same_seed_gives_same_tokens_and_another_seed_other_tokens(cfg, params, 
     assert (a[0, 4:] != c[0, 4:]).sum() >= 5
 
 
+@pytest.mark.slow
 def test_rows_with_the_same_prompt_draw_independent_samples(cfg, params):
     prompt_BP = np.repeat(_tokens(cfg, 4, seed=30)[None], 4, axis=0)
     out = np.asarray(generate(params, cfg, prompt_BP, max_new_tokens=20, method="nucleus", top_p=0.95,
@@ -182,6 +188,7 @@ def test_rows_with_the_same_prompt_draw_independent_samples(cfg, params):
     assert len({tuple(r) for r in out[:, 4:].tolist()}) == 4
 
 
+@pytest.mark.slow
 def test_temperature_zero_sampling_is_greedy(cfg, params):
     prompt = _tokens(cfg, 4, seed=31)[None]
     greedy = np.asarray(generate(params, cfg, prompt, max_new_tokens=30))
@@ -191,6 +198,7 @@ def test_temperature_zero_sampling_is_greedy(cfg, params):
         np.testing.assert_array_equal(cold, greedy)
 
 
+@pytest.mark.slow
 def test_stream_generate_yields_generate_tokens_chunk_by_chunk(cfg, params):
     prompt = _tokens(cfg, 5, seed=40)[None]
     kwargs = dict(max_new_tokens=21, method="nucleus", top_p=0.9, rng=jax.random.PRNGKey(4))
@@ -199,6 +207,7 @@ def test_stream_generate_yields_generate_tokens_chunk_by_chunk(cfg, params):
     np.testing.assert_array_equal(np.concatenate(chunks, axis=1), np.asarray(generate(params, cfg, prompt, **kwargs))[:, 5:])
 
 
+@pytest.mark.slow
 def test_stream_generate_stops_once_every_row_emitted_eos(cfg, params):
     prompt = _tokens(cfg, 4, seed=20)[None]
     free = np.asarray(generate(params, cfg, prompt, max_new_tokens=8))[0, 4:]
@@ -232,6 +241,7 @@ def test_prompt_buckets_are_powers_of_two_from_16_capped_at_the_context():
     assert [bucket_length(n, 40) for n in (1, 17, 33, 40)] == [16, 32, 40, 40]
 
 
+@pytest.mark.slow
 def test_new_prompt_length_and_new_settings_in_the_same_bucket_do_not_recompile(cfg):
     cfg = cfg.replace(vocab_size=101, n_ctx=64)  # a config no other test compiles for
     params = init_params(cfg, jax.random.PRNGKey(0))
@@ -350,6 +360,7 @@ def test_sampled_frequencies_match_the_renormalised_truncated_distribution(metho
     assert chi2 < dof + 6 * math.sqrt(2 * dof)  # far above the 99.9% quantile for dof <= 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale,method,top_k,top_p", [
     (3.0, "nucleus", None, 0.9),  # peaked: a few dozen tokens
     (0.1, "nucleus", None, 0.9),  # flat: hundreds
@@ -396,6 +407,7 @@ def _mixed_batch(cfg):
     return prompt_BP, lengths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["greedy", "top_k", "nucleus", "top_k_nucleus"])
 def test_rows_decoded_a_slice_at_a_time_equal_the_whole_batch_bit_for_bit(cfg, params, method):
     """Each row samples with its own key (from rng and its row index): which rows share a call does not matter."""
@@ -432,6 +444,7 @@ def _bytes_for_rows(params, cfg, rows, *, max_new_tokens, method):
     return memory.bytes_needed(compiled)
 
 
+@pytest.mark.slow
 def test_a_batch_larger_than_free_memory_is_split_into_calls_giving_the_same_tokens(cfg, params, monkeypatch):
     prompt_BP, lengths = _mixed_batch(cfg)
     kwargs = dict(max_new_tokens=30, method="nucleus", rng=jax.random.PRNGKey(9), prompt_lengths_B=lengths)
@@ -444,6 +457,7 @@ def test_a_batch_larger_than_free_memory_is_split_into_calls_giving_the_same_tok
     assert spy.rows == [3, 3, 3]  # 7 rows, 3 fit: three calls, the last padded
 
 
+@pytest.mark.slow
 def test_a_row_that_alone_needs_more_than_free_memory_is_an_out_of_memory_error(cfg, params, monkeypatch):
     monkeypatch.setattr(memory, "free_bytes", lambda devices: 1000)
     with pytest.raises(memory.OutOfMemory, match=r"^1 row needs [0-9.]+ [KM]iB, more than the 1000 bytes that can"):

@@ -96,6 +96,7 @@ def _expected_text(run_dir, tokenizer, method, *, seed=0, n=20, **kw):
     return tokenizer.decode(out.tolist(), skip_special_tokens=False)
 
 
+@pytest.mark.slow
 def test_one_sample_is_streamed_in_chunks_as_the_prompt_then_its_continuation(run_dir, tokenizer):
     out = _main(f"--run_dir={run_dir}", "--method=nucleus", f"--prompt={PROMPT}", "--max_new_tokens=20",
                 "--seed=5", "--nostop_at_eos")
@@ -108,6 +109,7 @@ def test_one_sample_is_streamed_in_chunks_as_the_prompt_then_its_continuation(ru
     assert "step 3" in out.text  # the header names the checkpoint
 
 
+@pytest.mark.slow
 def test_method_all_prints_greedy_top_k_and_nucleus_side_by_side(run_dir, tokenizer):
     out = _main(f"--run_dir={run_dir}", "--method=all", f"--prompt={PROMPT}", "--max_new_tokens=20",
                 "--nostop_at_eos")
@@ -137,6 +139,7 @@ def test_several_samples_are_printed_separately_and_follow_the_seed(run_dir):
     assert a == b and a != c
 
 
+@pytest.mark.slow
 def test_stop_at_eos_trims_the_continuation_at_end_of_text(eos_run_dir):
     flags = [f"--run_dir={eos_run_dir}", "--method=greedy", f"--prompt={PROMPT}", "--max_new_tokens=5"]
     stopped = _main(*flags).text.splitlines()[-1]
@@ -147,6 +150,7 @@ def test_stop_at_eos_trims_the_continuation_at_end_of_text(eos_run_dir):
     assert batched.count(f"\n{PROMPT}\n") == 2
 
 
+@pytest.mark.slow
 def test_many_samples_beyond_free_memory_print_exactly_the_text_of_one_call(run_dir, monkeypatch):
     flags = [f"--run_dir={run_dir}", "--method=nucleus", f"--prompt={PROMPT}", "--prompt=In 1990", "--num_samples=3",
              "--max_new_tokens=12", "--seed=4"]
@@ -172,6 +176,7 @@ def test_many_samples_beyond_free_memory_print_exactly_the_text_of_one_call(run_
 OOM = "RESOURCE_EXHAUSTED: Out of memory allocating 38231101808 bytes."
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_one_line_naming_the_flags_to_lower(run_dir, monkeypatch, capsys):
     argv = ["sample", f"--run_dir={run_dir}", f"--prompt={PROMPT}", "--num_samples=2"]
 
@@ -235,6 +240,7 @@ def test_bad_input_is_one_error_line_and_exit_code_2(flags, message, run_dir, mi
     assert err.startswith("error: ") and err.count("\n") == 1 and message.format(**names) in err, err
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_end_to_end_and_exits_2_on_a_missing_run(run_dir, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "gpt2_jax.sample", f"--prompt={PROMPT}", "--max_new_tokens=4", "--method=greedy"]

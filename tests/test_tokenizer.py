@@ -57,6 +57,7 @@ def test_learns_wikitext_words_as_single_tokens(tok):
     assert tok.encode(" <unk>").tokens == ["Ġ<", "unk", ">"]
 
 
+@pytest.mark.slow
 def test_trained_on_the_train_split_only(tok, lines, tmp_path):
     # Training again on train alone (fresh cache) gives the identical tokenizer; adding the
     # validation and test text would not.

@@ -109,6 +109,7 @@ def test_train_step_loss_is_the_masked_mean_and_masked_targets_change_nothing(mi
     chex.assert_trees_all_equal(new2.params, new.params)
 
 
+@pytest.mark.slow
 def test_pmapped_step_on_one_device_matches_the_plain_step_bitwise(micro_cfg):
     cfg = micro_cfg  # dropout on: the one device holds global rows 0..B-1, the plain step's rows
     tcfg = core.TrainConfig(lr=1e-3, warmup_steps=1)
@@ -126,6 +127,7 @@ def test_pmapped_step_on_one_device_matches_the_plain_step_bitwise(micro_cfg):
     chex.assert_trees_all_equal(jax.tree.map(lambda x: x[0], sN), s1)
 
 
+@pytest.mark.slow
 def test_dropout_is_reproducible_and_differs_per_step_and_per_row_not_per_device_split(micro_cfg):
     rng = jax.random.PRNGKey(7)
     k3, k4 = np.asarray(core.example_keys(rng, 3, 0, 6)), np.asarray(core.example_keys(rng, 4, 0, 6))
@@ -206,6 +208,7 @@ def finished_run(cli_env, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_writes_every_step_evaluations_plot_and_keeps_newest_plus_best(finished_run):
     assert [s for s, _ in _losses(finished_run)] == list(range(1, 151))
     evals = read_jsonl(finished_run / rundir.EVALS_FILE)
@@ -219,6 +222,7 @@ def test_uninterrupted_run_writes_every_step_evaluations_plot_and_keeps_newest_p
     assert pretrained.load_run(finished_run, "best").step == best
 
 
+@pytest.mark.slow
 def test_run_killed_with_sigkill_and_rerun_ends_bitwise_identical_to_the_uninterrupted_run(
         cli_env, finished_run, tmp_path):
     run_dir = tmp_path / "killed"
@@ -241,6 +245,7 @@ def test_run_killed_with_sigkill_and_rerun_ends_bitwise_identical_to_the_uninter
     assert read_jsonl(run_dir / rundir.EVALS_FILE) == read_jsonl(finished_run / rundir.EVALS_FILE)
 
 
+@pytest.mark.slow
 def test_unreadable_latest_checkpoint_is_reported_once_set_aside_and_the_run_redone_from_the_previous(
         cli_env, finished_run, tmp_path):
     run_dir = tmp_path / "damaged"
@@ -257,6 +262,7 @@ def test_unreadable_latest_checkpoint_is_reported_once_set_aside_and_the_run_red
                                 jax.device_get(pretrained.load_run(finished_run).params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_sigint_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(cli_env, tmp_path, sig):
     run_dir = tmp_path / "term"
@@ -281,6 +287,7 @@ def test_sigterm_or_sigint_saves_a_checkpoint_at_the_current_step_and_exits_clea
 SLOW_STEP = ("--n_ctx=128", "--n_layer=4", "--d_model=256", "--n_head=4", "--d_ff=1024", "--batch_size=16")
 
 
+@pytest.mark.slow
 def test_sigterm_is_acted_on_after_the_step_in_flight_not_after_a_queue_of_log_every_steps(cli_env, tmp_path):
     run_dir = tmp_path / "term"
     # Metrics are fetched every 1000 steps, and nothing else waits for the devices: a host that
@@ -309,6 +316,7 @@ def test_sigterm_is_acted_on_after_the_step_in_flight_not_after_a_queue_of_log_e
     assert waited < 10 + 3 * seconds_per_step, (waited, seconds_per_step, last)
 
 
+@pytest.mark.slow
 def test_a_short_first_run_gets_a_warmup_that_fits_and_its_bar_shows_the_steps_it_will_do(cli_env, tmp_path):
     run_dir = tmp_path / "smoke"
     flags = [f for f in _cmd(run_dir, "--max_steps=20", "--noquiet") if not f.startswith("--warmup_steps")]
@@ -344,6 +352,7 @@ print(n, nll, want)
 """
 
 
+@pytest.mark.slow
 def test_evaluation_on_two_cpu_devices_at_tiny_size_does_not_deadlock(cli_env):
     # Before, 100+ evaluation batches of the tiny preset dispatched ahead on 2 CPU devices aborted the
     # process after XLA's 40 s rendezvous timeout (measured on this 2-core machine, 2 of 2 tries).
@@ -356,6 +365,7 @@ def test_evaluation_on_two_cpu_devices_at_tiny_size_does_not_deadlock(cli_env):
     np.testing.assert_allclose(nll, want, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_exit_2_one_line_and_keeps_the_last_good_checkpoint(cli_env, tmp_path):
     run_dir = tmp_path / "nan"
     # lr 0 at step 0 (warmup), then 1e30: the parameters overflow at step 2.
@@ -368,6 +378,7 @@ def test_nan_loss_stops_with_exit_2_one_line_and_keeps_the_last_good_checkpoint(
     assert run.step == 1 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(run.params))
 
 
+@pytest.mark.slow
 def test_two_and_four_devices_match_one_device_and_a_two_device_run_resumes_on_one(cli_env, tmp_path):
     # Dropout on (the micro model's 0.1): each row's masks follow its global row index, not its device.
     flags = ("--max_steps=6", "--ckpt_every=3", "--eval_every=1000", "--warmup_steps=2")
@@ -394,6 +405,7 @@ def test_two_and_four_devices_match_one_device_and_a_two_device_run_resumes_on_o
     chex.assert_trees_all_close(jax.device_get(pretrained.load_run(runs[2], 6).params), ref, atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_the_devices_is_exit_2_with_one_line_and_no_traceback(cli_env, tmp_path):
     p = _train(cli_env, tmp_path / "r", "--batch_size=9", devices=2, expect_rc=2)
     assert p.stderr == ("error: --batch_size=9 is not divisible by the 2 local devices; use a multiple of 2\n")
@@ -413,6 +425,7 @@ def test_unknown_size_is_a_user_error_naming_the_choices(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_run_dir_of_another_config_is_refused_and_left_untouched(finished_run):
     def files():  # the lock file says who holds the run dir: the refused run held it for a moment
         return {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file() and p.name != rundir.LOCK_FILE}
@@ -434,6 +447,7 @@ def test_missing_data_and_too_long_warmup_are_user_errors(tmp_path, wikitext_dir
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_a_damaged_run_json_stops_a_resume_with_one_line_and_touches_nothing(finished_run, tmp_path):
     run_dir = tmp_path / "damaged"
     shutil.copytree(finished_run, run_dir)
