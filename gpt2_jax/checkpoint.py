@@ -106,10 +106,14 @@ class Checkpoints:
             if chosen is None:
                 raise UserError(f"{self.directory.parent} has no checkpoint with a validation loss; use step "
                                 f"'latest' or one of {steps}")
-        elif int(step) not in steps:
-            raise UserError(f"{self.directory.parent} has no checkpoint at step {step}; available steps: {steps}")
         else:
-            chosen = int(step)
+            try:
+                chosen = int(step)
+            except ValueError:
+                raise UserError(f"step {step!r} is not a number, 'latest' or 'best'") from None
+            if chosen not in steps:
+                raise UserError(f"{self.directory.parent} has no checkpoint at step {chosen}; available steps: "
+                                f"{steps}")
         try:
             return self._restore_step(chosen, params_like, opt_state_like, model)
         except UserError:

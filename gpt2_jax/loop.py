@@ -61,7 +61,10 @@ class Run:
     spe: int  # steps per epoch
     num_steps: int
     say: Callable[..., None]
-    primary: bool  # process 0: writes metrics, evaluations and the plot
+
+    @property
+    def primary(self) -> bool:  # process 0: writes metrics, evaluations and the plot
+        return jax.process_index() == 0
 
     def layout(self) -> dict:
         return {"num_devices": jax.local_device_count(), "process_index": jax.process_index(),
@@ -83,10 +86,9 @@ class Loop:
     last_save: float = dataclasses.field(default_factory=time.monotonic)
 
 
-def start(run_: Run, checkpoints: Checkpoints, source) -> Loop:
+def start(run_: Run, checkpoints: Checkpoints, optimizer, source) -> Loop:
     """The loop at the newest readable checkpoint, or at step 0 (random or --init_from weights)."""
     cfg, train_cfg = run_.cfg, run_.train_cfg
-    optimizer = make_optimizer(train_cfg, run_.num_steps)
     params_key, dropout_key = jax.random.split(jax.random.PRNGKey(train_cfg.seed))
     init = functools.partial(init_train_state, cfg, optimizer)
     abstract = jax.eval_shape(init, params_key)
@@ -190,9 +192,11 @@ def _save(run_: Run, loop: Loop, checkpoints: Checkpoints, val_loss: float | Non
                      val_loss=val_loss)
 
 
-def train(run_: Run, checkpoints: Checkpoints, loop: Loop) -> int:
+def train(run_: Run, checkpoints: Checkpoints, source: pretrained.Pretrained | None) -> int:
+    """Resume (or start) the run and train it to its last step, or to a signal; 0 when done."""
     fv, cfg, train_cfg, spe, num_steps = run_.fv, run_.cfg, run_.train_cfg, run_.spe, run_.num_steps
     optimizer, schedule = make_optimizer(train_cfg, num_steps), make_schedule(train_cfg, num_steps)
+    loop = start(run_, checkpoints, optimizer, source)
     p_train = jax.pmap(make_train_step(cfg, optimizer, schedule), axis_name=AXIS, in_axes=(0, 0, None),
                        donate_argnums=(0,), devices=jax.devices())
     p_eval = jax.pmap(make_eval_step(cfg), axis_name=AXIS, devices=jax.devices())

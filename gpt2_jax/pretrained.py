@@ -154,8 +154,11 @@ def open_source(path: str, step: int | str | None = None) -> Pretrained:
 
 def load_params(source: Pretrained) -> tuple[dict, int]:
     """(float32 params at PATH's full context, the step they are from: 0 for a Hugging Face folder)."""
-    run = load_run(source.path, source.step) if source.kind == "run" else load_model(hf_dir=source.path)
-    params, step = run.params, run.step
+    if source.kind == "run":
+        run = load_run(source.path, source.step)
+        params, step = run.params, run.step
+    else:  # the tokenizer is already in ``source``: read only the weights
+        params, step = hf.load_hf(source.path)[1], 0
     assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(
         lambda x: x.shape, abstract_params(source.cfg)), "PATH's weights do not match its config"
     return params, step

@@ -115,7 +115,6 @@ def _define_loop_flags(fv: flags.FlagValues) -> None:
                       "(default: all of them; one GPU per task under SLURM / Open MPI)", flag_values=fv)
 
 
-
 # What a fine-tuning run (--init_from) changes of the from-scratch defaults; any flag given wins.
 FINETUNE_DEFAULTS = {"lr": 1e-4, "epochs": 1}
 MODEL_FLAGS = ("vocab_size", "n_ctx", "n_layer", "d_model", "n_head", "d_ff")
@@ -204,10 +203,10 @@ def main(argv: Sequence[str]) -> int:
         parallel.all_ok(error, f"reading {run_dir} and the data")
         corpus, spe, num_steps = opened
         run_ = loop.Run(fv=fv, cfg=cfg, train_cfg=train_cfg, corpus=corpus, run_dir=run_dir, spe=spe,
-                    num_steps=num_steps, say=say, primary=primary)
+                    num_steps=num_steps, say=say)
         checkpoints = Checkpoints(run_dir, keep=fv.keep, warn=warn, quarantine=run_dir / rundir.CORRUPT_DIR)
         try:
-            code = loop.train(run_, checkpoints, loop.start(run_, checkpoints, source))
+            code = loop.train(run_, checkpoints, source)
         except OSError as e:  # metrics, evaluations or the plot could not be written: a full disk, say
             checkpoints.close(report=False)
             raise write_failed(checkpoints.directory, e, f"to {e.filename or run_dir}") from None
