@@ -182,8 +182,7 @@ def bench_generate(cfg: GPT2Config, *, batch_size: int, prompt_len: int, new_tok
                    method: str, repeats: int = 3, seed: int = 0) -> dict:
     """New tokens/s of the one-jit decode loop, and time to first token (prefill + 1 token)."""
     params = init_params(cfg, jax.random.PRNGKey(seed))
-    if cfg.dtype == "bfloat16":  # decoding reads every weight per token: keep them in bf16
-        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    params = decode.inference_params(params, cfg)
     timing, first = (time_generate(params, cfg, batch_size=batch_size, prompt_length=prompt_len,
                                    max_new_tokens=n, method=method, repeats=repeats, seed=seed)
                      for n in (new_tokens, 1))  # 1: the same loop, time to first token
@@ -198,11 +197,10 @@ def bench_generate(cfg: GPT2Config, *, batch_size: int, prompt_len: int, new_tok
 
 # ----------------------------------------------------------------------------------------- CLI
 
-def _define_flags() -> flags.FlagValues:
+def _define_flags(command: str = "train") -> flags.FlagValues:
     fv = flags.FlagValues()
     flags.DEFINE_enum("size", "tiny", list(PRESETS), "Model preset.", flag_values=fv)
-    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
-                      "Compute dtype (default: bfloat16 on GPU, float32 elsewhere).", flag_values=fv)
+    cli.define_dtype_flag(fv, workload="decode" if command == "generate" else "batched")
     flags.DEFINE_integer("batch_size", None, "Global batch (default: 32 train, 1 generate).", lower_bound=1,
                          flag_values=fv)
     flags.DEFINE_integer("steps", 10, "train: timed steps.", lower_bound=1, flag_values=fv)
@@ -235,14 +233,14 @@ def main(argv: Sequence[str]) -> int:
             return 0
         raise UserError("first argument must be a subcommand: train, generate or roofline (see --help)")
     command = argv.pop(1)
-    fv = cli.parse_flags(_define_flags(), argv, __doc__)
+    fv = cli.parse_flags(_define_flags(command), argv, __doc__)
     if command == "roofline":
         print(json.dumps({"bench": "roofline", **roofline(), **_environment()}))
         return 0
     n_ctx = PRESETS[fv.size].n_ctx
     if command == "generate" and fv.prompt_len > n_ctx:
         raise UserError(f"--prompt_len={fv.prompt_len} exceeds the {fv.size} preset's context of {n_ctx} tokens")
-    dtype = fv.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+    dtype, why = cli.resolve_dtype(fv.dtype, "decode" if command == "generate" else "batched")
     overrides = dict(dtype=dtype, remat=fv.remat, attention=fv.attention)
     if fv.dropout is not None:
         overrides.update(dropout=fv.dropout, attn_dropout=fv.dropout)
@@ -263,7 +261,7 @@ def main(argv: Sequence[str]) -> int:
         steps_per_s = result["new_tokens_per_s"] / result["batch_size"]
         result["weight_bytes"] = weight_bytes
         result["pct_of_bandwidth"] = round(100 * weight_bytes * steps_per_s / (measured["memory_gbps"] * 1e9), 1)
-    record = {**result, "size": fv.size, "dtype": dtype, "remat": fv.remat, "attention": fv.attention,
+    record = {**result, "size": fv.size, "dtype": dtype, "dtype_why": why, "remat": fv.remat, "attention": fv.attention,
               "roofline": measured, **_environment()}
     print(json.dumps(record))
     sys.stdout.flush()

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+import jax
 from absl import flags
 
 from gpt2_jax import memory
@@ -40,6 +41,59 @@ def folder_flag(path: str | os.PathLike, flag: str, what: str, fix: str, *,
         kind = "a file" if path.is_file() else "a broken link" if not path.exists() else "a special file"
         raise UserError(f"--{flag}={path} is {kind}, not {what}; {fix}")
     raise UserError(f"--{flag}={path} does not exist; {fix}")
+
+
+# --dtype=auto: bf16 matmuls (float32 accumulation) where the hardware has native bf16 dots.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def define_dtype_flag(flag_values: flags.FlagValues, default: str = "auto", *, workload: str) -> None:
+    """``--dtype`` (auto, float32, bfloat16); ``resolve_dtype(value, workload)`` settles auto."""
+    rule = ("bfloat16 on GPU/TPU, float32 on CPU (XLA:CPU widens bf16 weights before each matrix-vector "
+            "product)" if workload == "decode" else "bfloat16 on GPU/TPU and on CPUs with AVX512-BF16 or AMX, "
+            "float32 elsewhere")
+    flags.DEFINE_enum("dtype", default, ["auto", "float32", "bfloat16"], f"compute dtype; parameters stay "
+                      f"float32 and softmax, LayerNorm and the loss run in float32. auto: {rule}",
+                      flag_values=flag_values)
+
+
+def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
+    """The instruction-set flags the kernel reports for this CPU (empty where there is no cpuinfo)."""
+    try:
+        text = pathlib.Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "flags:")
+    return frozenset(line.partition(":")[2].split())
+
+
+def auto_dtype(workload: str, *, platform: str, compute_capability: str | None = None,
+               cpu_flags: frozenset[str] = frozenset()) -> tuple[str, str]:
+    """(dtype, why) that ``--dtype=auto`` means for ``workload`` ("batched": training and evaluation,
+    "decode": one token per step) on a ``platform`` ("cpu", "gpu", "tpu") device."""
+    assert workload in ("batched", "decode"), workload
+    if platform == "tpu":
+        return "bfloat16", "TPU"
+    if platform == "gpu":
+        cc = tuple(int(p) for p in (compute_capability or "8.0").split(".")[:2])
+        if cc >= (8, 0):
+            return "bfloat16", f"GPU of compute capability {compute_capability or 'unknown'}"
+        return "float32", f"GPU of compute capability {compute_capability}: no bf16 tensor cores"
+    if workload == "decode":  # measured: bf16 and int8 matrix-vector products 2-4x slower than float32
+        return "float32", "CPU decoding: XLA:CPU widens bf16 weights to float32 before each matrix-vector product"
+    native = sorted(cpu_flags & BF16_CPU_FLAGS)
+    if native:
+        return "bfloat16", f"CPU with {' and '.join(native)}"
+    return "float32", "CPU without AVX512-BF16 or AMX"
+
+
+def resolve_dtype(requested: str, workload: str) -> tuple[str, str]:
+    """``(dtype, why)``: ``requested`` itself, or what auto means on this process's first device."""
+    if requested != "auto":
+        return requested, "--dtype"
+    device = jax.local_devices()[0]
+    return auto_dtype(workload, platform=device.platform, cpu_flags=cpu_flags(),
+                      compute_capability=getattr(device, "compute_capability", None))
 
 
 def _one_line(text: str) -> str:

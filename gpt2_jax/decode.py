@@ -23,7 +23,7 @@ import numpy as np
 from gpt2_jax import memory
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import GPT2, KVCache, init_cache
+from gpt2_jax.model import GPT2, KVCache, compute_dtype, init_cache
 
 METHODS = ("greedy", "top_k", "nucleus", "top_k_nucleus")  # top_k_nucleus: top-k, then top-p
 MIN_BUCKET = 16  # shortest prompt bucket: lengths 1..16 share one compilation
@@ -128,6 +128,13 @@ def sample_nucleus(logits_BV: jax.Array, rng: jax.Array, *, top_p, temperature=1
 
 
 # ─── decoding: prefill, decode_step, the scanned loop ──────────────────────────────────────────
+
+def inference_params(params, cfg: GPT2Config):
+    """``params`` in ``cfg``'s compute dtype: decoding reads every weight per token, so none is
+    converted again inside the loop (bf16 halves the bytes read)."""
+    dtype = compute_dtype(cfg)
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+
 
 def prefill(params, cfg: GPT2Config, cache: KVCache, prompt_BP: jax.Array, lengths_B: jax.Array):
     """A right-padded prompt in ONE pass; returns ``(next_logits_BV, cache)``."""

@@ -136,6 +136,8 @@ OUT_OF_MEMORY = "lower --batch_size or --seq_len"  # batches are split to fit: t
 def _define_flags() -> flags.FlagValues:
     fv = flags.FlagValues()
     pretrained.define_model_flags(fv, "evaluate")
+    # float32 unless asked: perplexities comparable across machines and with the training curves
+    cli.define_dtype_flag(fv, "float32", workload="batched")
     flags.DEFINE_enum("split", "test", list(SPLIT_ALIASES), "Split to score (valid is an alias of validation).",
                       flag_values=fv)
     flags.DEFINE_string("data_dir", None,
@@ -161,7 +163,8 @@ def _define_flags() -> flags.FlagValues:
 def main(argv: Sequence[str]) -> int:
     fv = cli.parse_flags(_define_flags(), argv, DESCRIPTION)
     model = pretrained.load_model(fv.run_dir, fv.hf_dir, fv.step)
-    cfg, params, tokenizer = model.cfg, model.params, model.tokenizer
+    cfg = model.cfg.replace(dtype=cli.resolve_dtype(fv.dtype, "batched")[0])
+    params, tokenizer = model.params, model.tokenizer
     step, out_dir = ("hf" if fv.hf_dir else model.step), model.run_dir
     seq_len = fv.seq_len or cfg.n_ctx
     if not 2 <= seq_len <= cfg.n_ctx:
@@ -179,7 +182,7 @@ def main(argv: Sequence[str]) -> int:
     result = evaluate_split(params, cfg, corpus, fv.split, seq_len=seq_len, batch_size=fv.batch_size,
                             stride=fv.stride, progress=progress, warn=rundir.print_warning)
     record = {"step": step, **result.to_dict(), "seconds": round(time.time() - t0, 2),
-              "source": str(fv.run_dir or fv.hf_dir)}
+              "source": str(fv.run_dir or fv.hf_dir), "dtype": cfg.dtype}
     suffix = "" if fv.stride is None else f"_stride{fv.stride}"
     out = pathlib.Path(fv.output) if fv.output else out_dir / f"eval_{result.split}_{step}{suffix}.json"
     try:

@@ -20,9 +20,9 @@ import numpy as np
 from absl import flags
 
 from gpt2_jax import pretrained, tokenizer
-from gpt2_jax.cli import check, parse_flags, run
+from gpt2_jax.cli import check, define_dtype_flag, parse_flags, resolve_dtype, run
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.decode import METHODS, check_sampling_args, generate, stream_generate
+from gpt2_jax.decode import METHODS, check_sampling_args, generate, inference_params, stream_generate
 from gpt2_jax.errors import UserError
 
 DESCRIPTION = """Sample text from a trained run: greedy, top-k, nucleus (or all three side by side).
@@ -41,6 +41,7 @@ def define_flags() -> flags.FlagValues:
     """The sampler's flags on a private FlagValues (a tool extending the CLI adds its own)."""
     fv = flags.FlagValues()
     pretrained.define_model_flags(fv, "sample from")
+    define_dtype_flag(fv, workload="decode")
     flags.DEFINE_enum("method", "nucleus", METHODS + ("all",), "Decoding method; 'all' prints "
                       "greedy, top_k and nucleus side by side; top_k_nucleus applies top-k then "
                       "top-p.", flag_values=fv)
@@ -95,8 +96,9 @@ def _load_model(fv: flags.FlagValues) -> LoadedModel:
     """Weights, config and tokenizer named by the flags (a run at --step, or --hf_dir)."""
     loaded = pretrained.load_model(fv.run_dir, fv.hf_dir, fv.step)  # checks vocab sizes match
     where = f"{fv.hf_dir} (Hugging Face)" if fv.hf_dir else f"{loaded.run_dir} step {loaded.step}"
-    return LoadedModel(loaded.cfg, loaded.params, loaded.tokenizer,
-                       loaded.tokenizer.token_to_id(tokenizer.EOT), where)
+    cfg = loaded.cfg.replace(dtype=resolve_dtype(fv.dtype, "decode")[0])
+    return LoadedModel(cfg, inference_params(loaded.params, cfg), loaded.tokenizer,
+                       loaded.tokenizer.token_to_id(tokenizer.EOT), f"{where}, {cfg.dtype}")
 
 
 def _decode(tok, ids: Sequence[int]) -> str:

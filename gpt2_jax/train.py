@@ -26,7 +26,7 @@ from absl import logging as absl_logging
 from gpt2_jax import data, loop, parallel, pretrained, rundir
 from gpt2_jax import tokenizer as tokenizer_lib
 from gpt2_jax.checkpoint import Checkpoints, write_failed
-from gpt2_jax.cli import check, parse_flags, run
+from gpt2_jax.cli import check, define_dtype_flag, parse_flags, resolve_dtype, run
 from gpt2_jax.config import PRESETS, GPT2Config
 from gpt2_jax.core import TrainConfig, total_steps, warmup_steps
 from gpt2_jax.errors import UserError
@@ -68,8 +68,7 @@ def _define_flags() -> flags.FlagValues:
     flags.DEFINE_integer("seed", d.seed, "seed of the parameters, dropout and data order", flag_values=fv)
     flags.DEFINE_float("dropout", None, "dropout on embeddings, residual branches and attention "
                        "(default: the preset's, 0.1)", flag_values=fv)
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (parameters stay float32)",
-                      flag_values=fv)
+    define_dtype_flag(fv, workload="batched")
     flags.DEFINE_boolean("remat", False, "recompute activations in the backward pass (less memory)", flag_values=fv)
     for name, help_ in (("vocab_size", "BPE vocabulary"), ("n_ctx", "context = training sequence length"),
                         ("n_layer", "layers"), ("d_model", "model width"), ("n_head", "attention heads"),
@@ -130,7 +129,8 @@ def _flag_error(e: ValueError) -> UserError:
 def configs_from_flags(fv: flags.FlagValues) -> tuple[GPT2Config, TrainConfig, pretrained.Pretrained | None]:
     """The model and training configs the flags describe, and the weights to start from (--init_from)."""
     overrides = {k: fv[k].value for k in MODEL_FLAGS if fv[k].value is not None}
-    training = {"dtype": fv.dtype, "remat": fv.remat}
+    # --dtype=auto needs the devices, which must wait for jax.distributed: main settles it (training_dtype).
+    training = {"dtype": "float32" if fv.dtype == "auto" else fv.dtype, "remat": fv.remat}
     if fv.dropout is not None:
         training.update(dropout=fv.dropout, attn_dropout=fv.dropout)
     source, values = None, {k: fv[k].value for k in FINETUNE_DEFAULTS}
@@ -159,6 +159,17 @@ def init_distributed(fv: flags.FlagValues, environ) -> bool:
     return parallel.init_distributed(environ, **{k: fv[k].value for k in DISTRIBUTED_FLAGS})
 
 
+def training_dtype(requested: str, run_dir: pathlib.Path) -> tuple[str, str]:
+    """(dtype, why): ``--dtype``, or for auto the dtype a resumed run recorded (its exact trajectory), or
+    what auto means on this machine (``resolve_dtype``)."""
+    if requested == "auto" and (run_dir / rundir.RUN_FILE).is_file():
+        recorded = (rundir.read_run_json(run_dir).get("model") or {}).get("dtype")
+        if recorded in ("float32", "bfloat16"):
+            return recorded, f"auto: as {run_dir / rundir.RUN_FILE} recorded"
+    dtype, why = resolve_dtype(requested, "batched")
+    return dtype, why if requested != "auto" else f"auto: {why}"
+
+
 def main(argv: Sequence[str]) -> int:
     fv = parse_flags(_define_flags(), argv, __doc__)
     if not fv.verbose:
@@ -169,6 +180,8 @@ def main(argv: Sequence[str]) -> int:
     init_distributed(fv, os.environ)  # before anything else touches JAX
     primary = jax.process_index() == 0
     run_dir = pathlib.Path(fv.run_dir)
+    dtype, why = training_dtype(fv.dtype, run_dir)
+    cfg = cfg.replace(dtype=dtype)
     parallel.check_divisible("batch_size", train_cfg.batch_size)
     parallel.check_divisible("eval_batch_size", fv.eval_batch_size or train_cfg.batch_size)
     say = functools.partial(print, file=sys.stderr) if primary and not fv.quiet else (lambda *a: None)
@@ -202,6 +215,7 @@ def main(argv: Sequence[str]) -> int:
             error = e
         parallel.all_ok(error, f"reading {run_dir} and the data")
         corpus, spe, num_steps = opened
+        say(f"compute dtype: {dtype} ({why})")
         run_ = loop.Run(fv=fv, cfg=cfg, train_cfg=train_cfg, corpus=corpus, run_dir=run_dir, spe=spe,
                     num_steps=num_steps, say=say)
         checkpoints = Checkpoints(run_dir, keep=fv.keep, warn=warn, quarantine=run_dir / rundir.CORRUPT_DIR)

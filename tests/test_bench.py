@@ -59,8 +59,9 @@ def test_train_bench_prints_one_consistent_json_line_last():
     assert r["tokens_per_s"] * r["ms_per_step"] / 1e3 == pytest.approx(2 * 128, rel=0.01)
     assert r["mfu"] is None and r["backend"] == "cpu" and r["host_peak_rss_gib"] > 0
     assert 9.0 < r["final_loss"] < 11.0  # about log(32000) = 10.37 at random init
-    # MFU against this machine's float32 matmul peak, measured in the same run.
-    peak = r["roofline"]["matmul_f32_gflops"]
+    # MFU against this machine's matmul peak of the dtype it ran (auto: see cli.auto_dtype), measured in the same run.
+    assert r["dtype"] in ("float32", "bfloat16") and r["dtype_why"].startswith(("CPU", "GPU", "TPU"))
+    peak = r["roofline"]["matmul_bf16_gflops" if r["dtype"] == "bfloat16" else "matmul_f32_gflops"]
     assert r["mfu_measured_peak"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9), abs=1e-4)
 
 

@@ -69,12 +69,12 @@ RANGES = {
         "max_new_tokens": ("0", "-5"), "top_k": ("0", ("--method=top_k", f"--top_k={V + 1}")),
         "top_p": ("0", "1.5", "-0.1"),
         "temperature": ("-1",), "num_samples": ("0",), "seed": ("-1", str(MAX_SEED + 1)), "stop_at_eos": (),
-        "slide_keep": ("0", str(N_CTX + 1)),
+        "slide_keep": ("0", str(N_CTX + 1)), "dtype": (),
     },
     "evaluate": {
         "run_dir": (), "hf_dir": (), "step": ("last", "-1"), "split": (), "data_dir": (),
         "stride": ("0", str(N_CTX + 1), ("--seq_len=8", "--stride=9")), "seq_len": ("0", "1", str(N_CTX + 1)),
-        "batch_size": ("0", "-1"), "output": (), "quiet": (), "verbose": (),
+        "batch_size": ("0", "-1"), "output": (), "quiet": (), "verbose": (), "dtype": (),
     },
     "convert": {"from_hf": (), "to_hf": (), "run_dir": (), "step": ("abc", "-1")},
     "bench": {

@@ -34,7 +34,7 @@ from gpt2_jax.metrics import read_jsonl
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MICRO = ["--vocab_size=512", "--n_ctx=16", "--n_layer=2", "--d_model=32", "--n_head=4", "--d_ff=64",
          "--batch_size=8", "--eval_batch_size=1024", "--warmup_steps=2", "--lr=3e-3", "--quiet"]
-SHORT = ("--max_steps=6", "--ckpt_every=3", "--eval_every=1000")
+SHORT = ("--max_steps=6", "--ckpt_every=3", "--eval_every=1000", "--dtype=float32")  # tolerances: float32 sum order
 DEADLINE_S = 240
 
 # ---------------------------------------------------------------- the pieces, in-process

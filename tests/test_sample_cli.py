@@ -251,3 +251,23 @@ def test_python_dash_m_runs_end_to_end_and_exits_2_on_a_missing_run(run_dir, tmp
     bad = subprocess.run(cmd + [f"--run_dir={tmp_path / 'nope'}"], capture_output=True, text=True, env=env, cwd=REPO,
                          timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_dtype_bfloat16_decodes_with_bf16_weights_and_says_so(run_dir, tokenizer):
+    fv = sample_lib.define_flags()
+    fv(["sample", f"--run_dir={run_dir}", "--dtype=bfloat16"])
+    model = sample_lib._load_model(fv)
+    assert model.cfg.dtype == "bfloat16" and model.description.endswith("bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(model.params)} == {np.dtype("bfloat16")}
+    loaded = pretrained.load_run(run_dir)
+    text = _main(f"--run_dir={run_dir}", "--dtype=bfloat16", "--method=greedy", f"--prompt={PROMPT}", "--nostop_at_eos",
+                 "--max_new_tokens=20").text
+    cfg16 = loaded.cfg.replace(dtype="bfloat16")
+    ids = tokenizer.encode(PROMPT).ids
+    out = np.asarray(generate(decode.inference_params(loaded.params, cfg16), cfg16, np.asarray([ids]),
+                              max_new_tokens=20, method="greedy"))[0]
+    assert tokenizer.decode(out.tolist(), skip_special_tokens=False) in text
+    fv = sample_lib.define_flags()
+    fv(["sample", f"--run_dir={run_dir}"])  # auto on CPU: float32 (see cli.auto_dtype)
+    if jax.default_backend() == "cpu":
+        assert sample_lib._load_model(fv).cfg.dtype == "float32"
