@@ -11,6 +11,7 @@ from gpt2_jax.model import (
     forward,
     init_cache,
     init_params,
+    quantize_int8,
     token_nll,
 )
 
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GPT2", "GPT2Config", "PRESETS", "KVCache", "LayerCache", "chunked_token_nll", "count_params",
-    "cross_entropy_loss", "forward", "init_cache", "init_params", "param_count", "token_nll",
+    "cross_entropy_loss", "forward", "init_cache", "init_params", "param_count", "quantize_int8", "token_nll",
 ]

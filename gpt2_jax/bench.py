@@ -179,10 +179,9 @@ def time_generate(params, cfg: GPT2Config, *, batch_size: int, prompt_length: in
 
 
 def bench_generate(cfg: GPT2Config, *, batch_size: int, prompt_len: int, new_tokens: int,
-                   method: str, repeats: int = 3, seed: int = 0) -> dict:
+                   method: str, repeats: int = 3, seed: int = 0, quantize: str = "none") -> dict:
     """New tokens/s of the one-jit decode loop, and time to first token (prefill + 1 token)."""
-    params = init_params(cfg, jax.random.PRNGKey(seed))
-    params = decode.inference_params(params, cfg)
+    params = decode.inference_params(init_params(cfg, jax.random.PRNGKey(seed)), cfg, quantize)
     timing, first = (time_generate(params, cfg, batch_size=batch_size, prompt_length=prompt_len,
                                    max_new_tokens=n, method=method, repeats=repeats, seed=seed)
                      for n in (new_tokens, 1))  # 1: the same loop, time to first token
@@ -191,7 +190,8 @@ def bench_generate(cfg: GPT2Config, *, batch_size: int, prompt_len: int, new_tok
         "ms_per_token": round(1e3 * timing["run_s"] / new_tokens, 3),
         "time_to_first_token_ms": round(1e3 * first["run_s"], 2),
         "compile_s": round(timing["compile_s"], 2), "batch_size": batch_size,
-        "prompt_len": prompt_len, "new_tokens": new_tokens, "method": method, **_memory(),
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "method": method, "quantize": quantize,
+        "weight_bytes": sum(a.nbytes for a in jax.tree.leaves(params)), **_memory(),
     }
 
 
@@ -201,6 +201,7 @@ def _define_flags(command: str = "train") -> flags.FlagValues:
     fv = flags.FlagValues()
     flags.DEFINE_enum("size", "tiny", list(PRESETS), "Model preset.", flag_values=fv)
     cli.define_dtype_flag(fv, workload="decode" if command == "generate" else "batched")
+    cli.define_quantize_flag(fv)  # generate only
     flags.DEFINE_integer("batch_size", None, "Global batch (default: 32 train, 1 generate).", lower_bound=1,
                          flag_values=fv)
     flags.DEFINE_integer("steps", 10, "train: timed steps.", lower_bound=1, flag_values=fv)
@@ -240,6 +241,8 @@ def main(argv: Sequence[str]) -> int:
     n_ctx = PRESETS[fv.size].n_ctx
     if command == "generate" and fv.prompt_len > n_ctx:
         raise UserError(f"--prompt_len={fv.prompt_len} exceeds the {fv.size} preset's context of {n_ctx} tokens")
+    if command == "train" and fv.quantize != "none":
+        raise UserError("--quantize applies to bench generate (inference); drop it for bench train")
     dtype, why = cli.resolve_dtype(fv.dtype, "decode" if command == "generate" else "batched")
     overrides = dict(dtype=dtype, remat=fv.remat, attention=fv.attention)
     if fv.dropout is not None:
@@ -251,16 +254,16 @@ def main(argv: Sequence[str]) -> int:
                              peak_tflops=peak, seed=fv.seed)
     else:
         result = bench_generate(cfg, batch_size=fv.batch_size or 1, prompt_len=fv.prompt_len,
-                                new_tokens=fv.new_tokens, method=fv.method, repeats=fv.repeats, seed=fv.seed)
+                                new_tokens=fv.new_tokens, method=fv.method, repeats=fv.repeats, seed=fv.seed,
+                                quantize=fv.quantize)
     measured = roofline()
     if command == "train":
         peak_gflops = measured["matmul_bf16_gflops" if dtype == "bfloat16" else "matmul_f32_gflops"]
         result["mfu_measured_peak"] = round(result["tokens_per_s"] * result["flops_per_token"] / (peak_gflops * 1e9), 4)
     else:  # batch-1 decoding reads every weight once per step: bound by memory bandwidth
-        weight_bytes = param_count(cfg) * (2 if dtype == "bfloat16" else 4)
         steps_per_s = result["new_tokens_per_s"] / result["batch_size"]
-        result["weight_bytes"] = weight_bytes
-        result["pct_of_bandwidth"] = round(100 * weight_bytes * steps_per_s / (measured["memory_gbps"] * 1e9), 1)
+        result["pct_of_bandwidth"] = round(100 * result["weight_bytes"] * steps_per_s
+                                           / (measured["memory_gbps"] * 1e9), 1)
     record = {**result, "size": fv.size, "dtype": dtype, "dtype_why": why, "remat": fv.remat, "attention": fv.attention,
               "roofline": measured, **_environment()}
     print(json.dumps(record))

@@ -57,6 +57,13 @@ def define_dtype_flag(flag_values: flags.FlagValues, default: str = "auto", *, w
                       flag_values=flag_values)
 
 
+def define_quantize_flag(flag_values: flags.FlagValues) -> None:
+    """``--quantize`` (none, int8): weight-only int8 inference (``model.quantize_int8``)."""
+    flags.DEFINE_enum("quantize", "none", ["none", "int8"], "int8: weight-only int8 inference, a quarter of the "
+                      "weight bytes (Dense kernels per output column, the token embedding per token; scales in "
+                      "float32)", flag_values=flag_values)
+
+
 def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
     """The instruction-set flags the kernel reports for this CPU (empty where there is no cpuinfo)."""
     try:

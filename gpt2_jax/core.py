@@ -197,7 +197,8 @@ def make_eval_step(cfg: GPT2Config, *, axis_name: str | None = AXIS) -> Callable
 
     def eval_step(params, batch: Batch) -> dict:
         x_BTD = forward(params, cfg, batch["inputs"], deterministic=True, head=False)
-        nll_BT = chunked_token_nll(x_BTD, params["wte"]["embedding"], batch["targets"])
+        nll_BT = chunked_token_nll(x_BTD, params["wte"]["embedding"], batch["targets"],
+                                   scale_V=params["wte"].get("int8_scale"))  # int8 weights: quantize_int8
         mask_BT = batch["mask"]
         out = {"nll_sum": (nll_BT * mask_BT).sum(), "tokens": mask_BT.sum()}
         return lax.psum(out, axis_name) if axis_name is not None else out

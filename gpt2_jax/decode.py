@@ -23,9 +23,10 @@ import numpy as np
 from gpt2_jax import memory
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import GPT2, KVCache, compute_dtype, init_cache
+from gpt2_jax.model import GPT2, KVCache, compute_dtype, init_cache, quantize_int8
 
 METHODS = ("greedy", "top_k", "nucleus", "top_k_nucleus")  # top_k_nucleus: top-k, then top-p
+QUANTIZE = ("none", "int8")  # weight-only int8 for inference: model.quantize_int8
 MIN_BUCKET = 16  # shortest prompt bucket: lengths 1..16 share one compilation
 
 
@@ -129,11 +130,20 @@ def sample_nucleus(logits_BV: jax.Array, rng: jax.Array, *, top_p, temperature=1
 
 # ─── decoding: prefill, decode_step, the scanned loop ──────────────────────────────────────────
 
-def inference_params(params, cfg: GPT2Config):
-    """``params`` in ``cfg``'s compute dtype: decoding reads every weight per token, so none is
-    converted again inside the loop (bf16 halves the bytes read)."""
+def inference_params(params, cfg: GPT2Config, quantize: str = "none"):
+    """``params`` as decoding reads them, every weight once per token: in ``cfg``'s compute dtype
+    (bf16 halves the bytes), or with ``quantize="int8"`` as ``quantize_int8``'s int8 kernels and
+    embedding (a quarter) with float32 scales; what stays float is in the compute dtype."""
+    assert quantize in QUANTIZE, quantize
+    if quantize == "int8":
+        params = quantize_int8(params)
     dtype = compute_dtype(cfg)
-    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+
+    def cast(path, a):
+        keep = path[-1].key == "int8_scale" or not jnp.issubdtype(a.dtype, jnp.floating)
+        return a if keep else a.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def prefill(params, cfg: GPT2Config, cache: KVCache, prompt_BP: jax.Array, lengths_B: jax.Array):

@@ -29,6 +29,7 @@ from gpt2_jax import cli, data, memory, parallel, pretrained, rundir
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.core import AXIS, make_eval_step
 from gpt2_jax.errors import UserError
+from gpt2_jax.model import quantize_int8
 
 SPLIT_ALIASES = {"train": "train", "valid": "validation", "validation": "validation", "test": "test"}
 
@@ -138,6 +139,7 @@ def _define_flags() -> flags.FlagValues:
     pretrained.define_model_flags(fv, "evaluate")
     # float32 unless asked: perplexities comparable across machines and with the training curves
     cli.define_dtype_flag(fv, "float32", workload="batched")
+    cli.define_quantize_flag(fv)
     flags.DEFINE_enum("split", "test", list(SPLIT_ALIASES), "Split to score (valid is an alias of validation).",
                       flag_values=fv)
     flags.DEFINE_string("data_dir", None,
@@ -164,7 +166,7 @@ def main(argv: Sequence[str]) -> int:
     fv = cli.parse_flags(_define_flags(), argv, DESCRIPTION)
     model = pretrained.load_model(fv.run_dir, fv.hf_dir, fv.step)
     cfg = model.cfg.replace(dtype=cli.resolve_dtype(fv.dtype, "batched")[0])
-    params, tokenizer = model.params, model.tokenizer
+    params, tokenizer = model.params if fv.quantize == "none" else quantize_int8(model.params), model.tokenizer
     step, out_dir = ("hf" if fv.hf_dir else model.step), model.run_dir
     seq_len = fv.seq_len or cfg.n_ctx
     if not 2 <= seq_len <= cfg.n_ctx:
@@ -182,7 +184,8 @@ def main(argv: Sequence[str]) -> int:
     result = evaluate_split(params, cfg, corpus, fv.split, seq_len=seq_len, batch_size=fv.batch_size,
                             stride=fv.stride, progress=progress, warn=rundir.print_warning)
     record = {"step": step, **result.to_dict(), "seconds": round(time.time() - t0, 2),
-              "source": str(fv.run_dir or fv.hf_dir), "dtype": cfg.dtype}
+              "source": str(fv.run_dir or fv.hf_dir), "dtype": cfg.dtype,
+              "quantize": fv.quantize}
     suffix = "" if fv.stride is None else f"_stride{fv.stride}"
     out = pathlib.Path(fv.output) if fv.output else out_dir / f"eval_{result.split}_{step}{suffix}.json"
     try:

@@ -59,6 +59,28 @@ def _residual_init(cfg: GPT2Config) -> nn.initializers.Initializer:
     return _init_normal(INIT_STD / math.sqrt(2 * cfg.n_layer))
 
 
+class Dense(nn.Module):
+    """``x @ kernel + bias`` in the compute dtype, kernel ``(in, out)`` as GPT-2's ``Conv1D``.
+
+    An int8 kernel (``quantize_int8``) comes with a float32 ``int8_scale`` per output column: the product
+    of the int8 values is rescaled, so no dequantized copy of the kernel is part of the model.
+    """
+
+    features: int
+    dtype: jnp.dtype
+    kernel_init: nn.initializers.Initializer
+
+    @nn.compact
+    def __call__(self, x_BTI):
+        kernel_IO = self.param("kernel", self.kernel_init, (x_BTI.shape[-1], self.features), jnp.float32)
+        bias_O = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x_BTI = x_BTI.astype(self.dtype)
+        if not self.has_variable("params", "int8_scale"):
+            return jnp.dot(x_BTI, kernel_IO.astype(self.dtype)) + bias_O.astype(self.dtype)
+        y_BTO = jnp.dot(x_BTI, kernel_IO.astype(self.dtype), preferred_element_type=jnp.float32)
+        return (y_BTO * self.get_variable("params", "int8_scale")).astype(self.dtype) + bias_O.astype(self.dtype)
+
+
 def attention_implementation(cfg: GPT2Config) -> str | None:
     """The ``jax.nn.dot_product_attention`` backend; ``None`` (auto) lets JAX take cuDNN's fused
     kernel where it supports the call (GPU, bf16) and fall back to XLA elsewhere."""
@@ -116,8 +138,8 @@ class CausalSelfAttention(nn.Module):
         cfg = self.cfg
         B, T, D = x_BTD.shape
         H, K = cfg.n_head, cfg.d_head
-        dense = dict(dtype=compute_dtype(cfg), param_dtype=jnp.float32)
-        qkv_BT3D = nn.Dense(3 * D, kernel_init=_init_normal(INIT_STD), name="c_attn", **dense)(x_BTD)
+        dense = dict(dtype=compute_dtype(cfg))
+        qkv_BT3D = Dense(3 * D, kernel_init=_init_normal(INIT_STD), name="c_attn", **dense)(x_BTD)
         q_BTHK, k_BTHK, v_BTHK = (a.reshape(B, T, H, K) for a in jnp.split(qkv_BT3D, 3, axis=-1))
 
         if cache is None:  # training / full forward: keys are the chunk itself
@@ -135,7 +157,7 @@ class CausalSelfAttention(nn.Module):
             dropout_rng=self.make_rng("dropout") if use_dropout else None,
             implementation=attention_implementation(cfg),
         )
-        y_BTD = nn.Dense(D, kernel_init=_residual_init(cfg), name="c_proj", **dense)(y_BTHK.reshape(B, T, D))
+        y_BTD = Dense(D, kernel_init=_residual_init(cfg), name="c_proj", **dense)(y_BTHK.reshape(B, T, D))
         return y_BTD, cache
 
 
@@ -145,10 +167,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD):
         cfg = self.cfg
-        dense = dict(dtype=compute_dtype(cfg), param_dtype=jnp.float32)
-        h_BTF = nn.Dense(cfg.d_ff, kernel_init=_init_normal(INIT_STD), name="c_fc", **dense)(x_BTD)
+        dense = dict(dtype=compute_dtype(cfg))
+        h_BTF = Dense(cfg.d_ff, kernel_init=_init_normal(INIT_STD), name="c_fc", **dense)(x_BTD)
         h_BTF = nn.gelu(h_BTF, approximate=True)  # GPT-2's "gelu_new" (tanh approximation)
-        return nn.Dense(cfg.d_model, kernel_init=_residual_init(cfg), name="c_proj", **dense)(h_BTF)
+        return Dense(cfg.d_model, kernel_init=_residual_init(cfg), name="c_proj", **dense)(h_BTF)
 
 
 def _layer_norm(cfg: GPT2Config, name: str) -> nn.LayerNorm:
@@ -201,7 +223,11 @@ class GPT2(nn.Module):
                        dtype=compute_dtype(cfg), param_dtype=jnp.float32, name="wte")
         wpe = nn.Embed(cfg.n_ctx, cfg.d_model, embedding_init=_init_normal(INIT_STD),
                        dtype=compute_dtype(cfg), param_dtype=jnp.float32, name="wpe")
-        x_BTD = wte(tokens_BT) + wpe(positions_BT)
+        wte_scale_V = self.variables.get("params", {}).get("wte", {}).get("int8_scale")  # int8 (quantize_int8)
+        tok_BTD = wte(tokens_BT)
+        if wte_scale_V is not None:
+            tok_BTD = tok_BTD * wte_scale_V[tokens_BT][..., None].astype(tok_BTD.dtype)
+        x_BTD = tok_BTD + wpe(positions_BT)
         x_BTD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD)
 
         block_cls = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
@@ -215,6 +241,8 @@ class GPT2(nn.Module):
         if not head:  # the features the tied head reads: for a loss that never holds all the logits
             return x_BTD if cache is None else (x_BTD, tuple(new_cache))
         logits_BTV = wte.attend(x_BTD).astype(jnp.float32)  # LM head tied to the token embedding
+        if wte_scale_V is not None:
+            logits_BTV = logits_BTV * wte_scale_V
         chex.assert_shape(logits_BTV, (B, T, cfg.vocab_size))
         if cache is None:
             return logits_BTV
@@ -225,6 +253,28 @@ def init_params(cfg: GPT2Config, rng: jax.Array) -> dict:
     """Freshly initialised float32 parameters (GPT-2's initialisation)."""
     tokens_BT = jnp.zeros((1, min(cfg.n_ctx, 8)), jnp.int32)
     return GPT2(cfg).init(rng, tokens_BT)["params"]
+
+
+def quantize_int8(params: dict) -> dict:
+    """Weight-only int8 ``params`` for inference: every Dense kernel per output column and the tied token
+    embedding per token, ``w ≈ int8 · int8_scale`` with ``int8_scale = max|w| / 127`` (float32). Biases,
+    LayerNorms and the position table stay as they are. The model reads the result like ``params``."""
+    def int8(w, axis):
+        scale = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=axis, keepdims=True) / 127.0
+        scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero column stays zero
+        return jnp.round(w / scale).astype(jnp.int8), jnp.squeeze(scale, axis)
+
+    def walk(tree, path):
+        if path == ("wte",):
+            q, scale = int8(tree["embedding"], axis=1)
+            return {**tree, "embedding": q, "int8_scale": scale}
+        if "kernel" in tree and getattr(tree["kernel"], "ndim", 0) == 2:
+            q, scale = int8(tree["kernel"], axis=0)
+            return {**tree, "kernel": q, "int8_scale": scale}
+        return {k: walk(v, path + (k,)) if isinstance(v, dict) else v for k, v in tree.items()}
+
+    assert "int8_scale" not in params["wte"], "params are already quantized"
+    return walk(dict(params), ())
 
 
 def forward(params, cfg: GPT2Config, tokens_BT, *, deterministic: bool = True, rng: jax.Array | None = None,
@@ -243,11 +293,12 @@ def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 
 
 def chunked_token_nll(x_BTD: jax.Array, wte_VD: jax.Array, targets_BT: jax.Array, *,
-                      chunk_rows: int = 256) -> jax.Array:
+                      chunk_rows: int = 256, scale_V: jax.Array | None = None) -> jax.Array:
     """``token_nll`` of the tied head's logits ``x_BTD @ wte_VDᵀ``, ``chunk_rows`` tokens at a time.
 
     The B·T x V float32 logits are never held at once: each chunk's are recomputed in the backward
-    pass (``jax.checkpoint``). bf16 features give a bf16 dot with float32 accumulation.
+    pass (``jax.checkpoint``). bf16 features give a bf16 dot with float32 accumulation. ``scale_V``:
+    the per-token scales of an int8 ``wte_VD`` (``quantize_int8``).
     """
     B, T, D = x_BTD.shape
     N = B * T
@@ -261,6 +312,8 @@ def chunked_token_nll(x_BTD: jax.Array, wte_VD: jax.Array, targets_BT: jax.Array
     @jax.checkpoint
     def chunk_nll(x_cD, t_c):
         logits_cV = jnp.einsum("cd,vd->cv", x_cD, w_VD, preferred_element_type=jnp.float32)
+        if scale_V is not None:
+            logits_cV = logits_cV * scale_V
         return optax.softmax_cross_entropy_with_integer_labels(logits_cV, t_c)
 
     nll_Cc = jax.lax.map(lambda a: chunk_nll(*a), (x_CcD, t_Cc))
@@ -281,6 +334,6 @@ def count_params(params) -> int:
 
 
 __all__: Sequence[str] = (
-    "GPT2", "Block", "CausalSelfAttention", "MLP", "LayerCache", "KVCache", "attend", "write_cache",
-    "init_cache", "init_params", "forward", "token_nll", "chunked_token_nll", "cross_entropy_loss", "count_params",
+    "GPT2", "Block", "Dense", "CausalSelfAttention", "MLP", "LayerCache", "KVCache", "attend", "write_cache",
+    "init_cache", "init_params", "quantize_int8", "forward", "token_nll", "chunked_token_nll", "cross_entropy_loss", "count_params",
 )

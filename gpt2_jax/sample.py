@@ -20,7 +20,7 @@ import numpy as np
 from absl import flags
 
 from gpt2_jax import pretrained, tokenizer
-from gpt2_jax.cli import check, define_dtype_flag, parse_flags, resolve_dtype, run
+from gpt2_jax.cli import check, define_dtype_flag, define_quantize_flag, parse_flags, resolve_dtype, run
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.decode import METHODS, check_sampling_args, generate, inference_params, stream_generate
 from gpt2_jax.errors import UserError
@@ -42,6 +42,7 @@ def define_flags() -> flags.FlagValues:
     fv = flags.FlagValues()
     pretrained.define_model_flags(fv, "sample from")
     define_dtype_flag(fv, workload="decode")
+    define_quantize_flag(fv)
     flags.DEFINE_enum("method", "nucleus", METHODS + ("all",), "Decoding method; 'all' prints "
                       "greedy, top_k and nucleus side by side; top_k_nucleus applies top-k then "
                       "top-p.", flag_values=fv)
@@ -97,8 +98,9 @@ def _load_model(fv: flags.FlagValues) -> LoadedModel:
     loaded = pretrained.load_model(fv.run_dir, fv.hf_dir, fv.step)  # checks vocab sizes match
     where = f"{fv.hf_dir} (Hugging Face)" if fv.hf_dir else f"{loaded.run_dir} step {loaded.step}"
     cfg = loaded.cfg.replace(dtype=resolve_dtype(fv.dtype, "decode")[0])
-    return LoadedModel(cfg, inference_params(loaded.params, cfg), loaded.tokenizer,
-                       loaded.tokenizer.token_to_id(tokenizer.EOT), f"{where}, {cfg.dtype}")
+    weights = cfg.dtype if fv.quantize == "none" else f"{fv.quantize} weights, {cfg.dtype}"
+    return LoadedModel(cfg, inference_params(loaded.params, cfg, fv.quantize), loaded.tokenizer,
+                       loaded.tokenizer.token_to_id(tokenizer.EOT), f"{where}, {weights}")
 
 
 def _decode(tok, ids: Sequence[int]) -> str:

@@ -69,18 +69,18 @@ RANGES = {
         "max_new_tokens": ("0", "-5"), "top_k": ("0", ("--method=top_k", f"--top_k={V + 1}")),
         "top_p": ("0", "1.5", "-0.1"),
         "temperature": ("-1",), "num_samples": ("0",), "seed": ("-1", str(MAX_SEED + 1)), "stop_at_eos": (),
-        "slide_keep": ("0", str(N_CTX + 1)), "dtype": (),
+        "slide_keep": ("0", str(N_CTX + 1)), "dtype": (), "quantize": (),
     },
     "evaluate": {
         "run_dir": (), "hf_dir": (), "step": ("last", "-1"), "split": (), "data_dir": (),
         "stride": ("0", str(N_CTX + 1), ("--seq_len=8", "--stride=9")), "seq_len": ("0", "1", str(N_CTX + 1)),
-        "batch_size": ("0", "-1"), "output": (), "quiet": (), "verbose": (), "dtype": (),
+        "batch_size": ("0", "-1"), "output": (), "quiet": (), "verbose": (), "dtype": (), "quantize": (),
     },
     "convert": {"from_hf": (), "to_hf": (), "run_dir": (), "step": ("abc", "-1")},
     "bench": {
         "size": (), "dtype": (), "batch_size": ("0",), "steps": ("0",), "warmup": ("-1",), "remat": (),
         "dropout": ("-0.1", "1"), "attention": (), "peak_tflops": ("0", "-1"), "prompt_len": ("0", "129"),
-        "new_tokens": ("0",), "method": (), "repeats": ("0",), "seed": ("-1", str(MAX_SEED + 1)),
+        "new_tokens": ("0",), "method": (), "repeats": ("0",), "seed": ("-1", str(MAX_SEED + 1)), "quantize": (),
     },
     "data": {"data_dir": (), "cache_dir": (), "vocab_size": ("0", "257"), "variant": (), "verbose": ()},
 }

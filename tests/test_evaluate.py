@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import cli, data, evaluate, forward, init_params, memory, parallel
+from gpt2_jax import cli, data, evaluate, forward, init_params, memory, parallel, quantize_int8
 from gpt2_jax import tokenizer as tokenizer_lib
 from gpt2_jax.pretrained import save_params_as_run
 
@@ -199,3 +199,21 @@ def test_cli_run_dir_or_hf_dir_that_is_a_file_is_named_a_file(tmp_path, capsys):
             cli.run(evaluate.main, ["evaluate", f"--{flag}={f}"])
         assert e.value.code == 2
         assert capsys.readouterr().err.startswith(f"error: --{flag}={f} is a file, not {what}; pass ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag, dtype, quantize", [([], "float32", "none"), (["--quantize=int8"], "float32", "int8"),
+                                                   (["--dtype=bfloat16"], "bfloat16", "none")])
+def test_cli_scores_in_the_dtype_and_quantization_asked_for(tiny_run, wikitext_dir, monkeypatch, capsys, flag, dtype,
+                                                           quantize):
+    root, cfg, params, tok = tiny_run
+    monkeypatch.setenv("GPT2_JAX_CACHE", str(root / "cache"))
+    out = root / f"eval_{quantize}_{dtype}.json"
+    assert evaluate.main(["evaluate", f"--run_dir={root / 'run'}", "--split=valid", f"--data_dir={wikitext_dir}",
+                          "--batch_size=64", "--quiet", f"--output={out}", *flag]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (record["dtype"], record["quantize"]) == (dtype, quantize)
+    corpus = data.prepare_corpus(wikitext_dir, root / "cache", tokenizer=tok)
+    lib = evaluate.evaluate_split(quantize_int8(params) if quantize == "int8" else params, cfg.replace(dtype=dtype),
+                                  corpus, "valid", batch_size=64)
+    assert record["nll_sum"] == pytest.approx(lib.nll_sum, rel=1e-6)
