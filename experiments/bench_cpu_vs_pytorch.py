@@ -183,12 +183,13 @@ def generate_row(size: str, batch: int, args) -> dict:
     from gpt2_jax.config import GPT2Config
 
     ours = {}
-    for dtype in ("float32", "bfloat16"):
-        load = _load(f"generate {size} batch {batch} ours {dtype}")
+    for dtype, quantize in (("float32", "none"), ("bfloat16", "none"), ("float32", "int8")):
+        name = f"ours_{dtype}" if quantize == "none" else f"ours_{quantize}"
+        load = _load(f"generate {size} batch {batch} {name}")
         r = bench_generate(GPT2Config.preset(size, dtype=dtype), batch_size=batch, prompt_len=args.prompt_len,
-                           new_tokens=args.new_tokens, method="greedy", repeats=args.repeats)
-        keep = ("new_tokens_per_s", "ms_per_token", "time_to_first_token_ms", "compile_s")
-        ours[f"ours_{dtype}"] = {k: r[k] for k in keep} | {"load": load}
+                           new_tokens=args.new_tokens, method="greedy", repeats=args.repeats, quantize=quantize)
+        keep = ("new_tokens_per_s", "ms_per_token", "time_to_first_token_ms", "compile_s", "weight_bytes")
+        ours[name] = {k: r[k] for k in keep} | {"load": load}
     peers = torch_generate(GPT2Config.preset(size), size=size, batch_size=batch, prompt_len=args.prompt_len,
                            new_tokens=args.new_tokens, repeats=args.repeats)
     return _compare("generate_greedy", size, batch, "new_tokens_per_s", ours, peers)
@@ -267,6 +268,10 @@ def main() -> None:
     parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile training peer")
     parser.add_argument("--out_dir", default=str(OUT_DIR))
     args = parser.parse_args()
+    from gpt2_jax.config import PRESETS
+    for size in args.sizes.split(","):  # transformers has no sliding window: the whole text must fit
+        if size not in PRESETS or args.prompt_len + args.new_tokens > PRESETS[size].n_ctx:
+            parser.error(f"--sizes={size}: unknown, or --prompt_len + --new_tokens exceeds its context")
     torch.set_num_threads(args.threads)
 
     record = environment(args)
