@@ -66,10 +66,12 @@ def test_step_0_evaluation_equals_evaluate_of_path_and_training_improves_on_it(c
     evals = read_jsonl(finetuned / rundir.EVALS_FILE)
     assert [(r["split"], r["step"]) for r in evals] == [("validation", 0), ("validation", 10),
                                                       ("validation", 20), ("test", 20)]
-    p = _run(cli_env, "evaluate", f"--hf_dir={hf_dir}", "--split=valid", "--batch_size=64", "--quiet")
+    dtype = json.loads((finetuned / rundir.RUN_FILE).read_text())["model"]["dtype"]  # what --dtype=auto chose
+    p = _run(cli_env, "evaluate", f"--hf_dir={hf_dir}", "--split=valid", "--batch_size=64", "--quiet",
+             f"--dtype={dtype}")
     theirs = json.loads(p.stdout)
     first = evals[0]
-    # Same weights, windows and batches: the same float32 sums, bit for bit.
+    # Same weights, windows, batches and compute dtype: the same float32 sums, bit for bit.
     assert first["loss"] == theirs["mean_nll"] and first["word_ppl"] == theirs["word_ppl"], (first, theirs)
     assert first["tokens"] == theirs["tokens"]
     assert evals[1]["loss"] < first["loss"] - 0.005 and evals[2]["loss"] < evals[1]["loss"]  # it learns (lr 1e-4)
