@@ -86,7 +86,7 @@ def auto_dtype(workload: str, *, platform: str, compute_capability: str | None =
         if cc >= (8, 0):
             return "bfloat16", f"GPU of compute capability {compute_capability or 'unknown'}"
         return "float32", f"GPU of compute capability {compute_capability}: no bf16 tensor cores"
-    if workload == "decode":  # measured: bf16 and int8 matrix-vector products 2-4x slower than float32
+    if workload == "decode":  # bf16/int8 matvecs measured 3-12x slower than float32 (experiments/matvec_cpu.py)
         return "float32", "CPU decoding: XLA:CPU widens bf16 weights to float32 before each matrix-vector product"
     native = sorted(cpu_flags & BF16_CPU_FLAGS)
     if native:
