@@ -28,6 +28,7 @@ from gpt2_jax.config import GPT2Config
 from gpt2_jax.model import chunked_token_nll, forward, init_params
 
 AXIS = "devices"  # the pmap axis: one entry per device of every process (each process holds its local ones)
+SCHEDULES = ("cosine", "wsd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +38,11 @@ class TrainConfig:
     batch_size: int = 32  # global: sequences per step over all devices
     epochs: int = 5
     max_steps: int | None = None  # stop before the last epoch ends (the LR schedule then ends here too)
+    time_budget_minutes: float | None = None  # stop where this much wall time runs out (see gpt2_jax.budget)
     lr: float = 6e-4  # peak learning rate
-    warmup_steps: int | None = None  # linear from 0 to lr, then cosine down; None: see warmup_steps()
+    warmup_steps: int | None = None  # linear from 0 to lr, then the decay; None: see warmup_steps()
+    schedule: str = "cosine"  # after the warmup: "cosine" decay, or "wsd" (constant, then linear decay)
+    decay_fraction: float = 0.2  # wsd: the decay takes this fraction of all steps, at the end
     final_lr_fraction: float = 0.1
     weight_decay: float = 0.1  # decoupled (AdamW), on matrices only: see decay_mask
     grad_clip: float = 1.0  # global gradient norm; 0 disables
@@ -54,6 +58,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
+            raise ValueError(f"time_budget_minutes must be > 0, got {self.time_budget_minutes}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         for name in ("warmup_steps", "weight_decay", "grad_clip", "seed"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -70,7 +80,8 @@ class TrainConfig:
 
 
 def total_steps(train_cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """Steps the run takes: all epochs, or ``max_steps`` if that comes first."""
+    """Steps the run takes: all epochs, or ``max_steps`` if that comes first (a time budget may end it
+    sooner: ``gpt2_jax.budget``)."""
     n = train_cfg.epochs * steps_per_epoch
     return n if train_cfg.max_steps is None else min(n, train_cfg.max_steps)
 
@@ -85,11 +96,22 @@ def warmup_steps(train_cfg: TrainConfig, num_steps: int) -> int:
 
 
 def make_schedule(train_cfg: TrainConfig, num_steps: int) -> optax.Schedule:
-    """Linear warmup 0 -> lr, then cosine to ``lr * final_lr_fraction`` at ``num_steps``."""
+    """Linear warmup 0 -> lr, then down to ``lr * final_lr_fraction`` at ``num_steps``.
+
+    ``cosine``: a cosine decay right after the warmup. ``wsd`` (warmup-stable-decay, as in MiniCPM
+    and Hägele et al. 2024): the peak held, then a linear decay over the last ``decay_fraction``
+    of the steps (never reaching into the warmup). Either way the warmup's rates do not depend on
+    ``num_steps``, which is what lets a time-budgeted run fix ``num_steps`` during its warmup.
+    """
     warmup = warmup_steps(train_cfg, num_steps)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=train_cfg.lr, warmup_steps=warmup,
-        decay_steps=num_steps, end_value=train_cfg.lr * train_cfg.final_lr_fraction)
+    peak, end = train_cfg.lr, train_cfg.lr * train_cfg.final_lr_fraction
+    if train_cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak, warmup_steps=warmup,
+                                                  decay_steps=num_steps, end_value=end)
+    decay_start = max(warmup, num_steps - max(1, round(train_cfg.decay_fraction * num_steps)))
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak),
+                                 optax.linear_schedule(peak, end, num_steps - decay_start)],
+                                boundaries=[warmup, decay_start])
 
 
 def decay_mask(params) -> Any:

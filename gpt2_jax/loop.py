@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -24,12 +25,12 @@ from absl import flags
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gpt2_jax import data, parallel, pretrained, rundir
+from gpt2_jax import budget, data, parallel, pretrained, rundir
 from gpt2_jax import metrics as metrics_lib
 from gpt2_jax.checkpoint import Checkpoints
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.core import (AXIS, TrainConfig, TrainState, init_train_state, make_eval_step, make_optimizer,
-                           make_schedule, make_train_step)
+                           make_schedule, make_train_step, warmup_steps)
 from gpt2_jax.errors import UserError
 from gpt2_jax.evaluate import EvalResult
 
@@ -59,8 +60,9 @@ class Run:
     corpus: data.Corpus
     run_dir: pathlib.Path
     spe: int  # steps per epoch
-    num_steps: int
+    num_steps: int  # a time budget's count once fixed; until then the most it may fix
     say: Callable[..., None]
+    budget_record: dict | None = None  # run.json's time_budget, once a budget fixed the step count
 
     @property
     def primary(self) -> bool:  # process 0: writes metrics, evaluations and the plot
@@ -109,6 +111,9 @@ def start(run_: Run, checkpoints: Checkpoints, optimizer, source) -> Loop:
         position = data.DataPosition.from_dict(restored.meta["data_position"])
         rng = jnp.asarray(restored.meta["rng"], jnp.uint32)
         assert position == data.DataPosition(*divmod(restored.step, run_.spe)), (position, restored.step)
+        if run_.train_cfg.time_budget_minutes is not None and run_.budget_record is None:  # saved only once fixed
+            raise UserError(f"{run_.run_dir / rundir.RUN_FILE} has no time_budget record, yet a checkpoint (step "
+                            f"{restored.step}) exists; restore run.json from a copy")
         checkpoints.prune()  # what a kill stopped Orbax from removing
         run_.say(f"resuming {run_.run_dir} from step {restored.step} (epoch {restored.step / run_.spe:.2f})")
     step = int(state.step)
@@ -194,26 +199,27 @@ def _save(run_: Run, loop: Loop, checkpoints: Checkpoints, val_loss: float | Non
 
 def train(run_: Run, checkpoints: Checkpoints, source: pretrained.Pretrained | None) -> int:
     """Resume (or start) the run and train it to its last step, or to a signal; 0 when done."""
-    fv, cfg, train_cfg, spe, num_steps = run_.fv, run_.cfg, run_.train_cfg, run_.spe, run_.num_steps
-    optimizer, schedule = make_optimizer(train_cfg, num_steps), make_schedule(train_cfg, num_steps)
-    loop = start(run_, checkpoints, optimizer, source)
-    p_train = jax.pmap(make_train_step(cfg, optimizer, schedule), axis_name=AXIS, in_axes=(0, 0, None),
-                       donate_argnums=(0,), devices=jax.devices())
+    fv, cfg, train_cfg, spe = run_.fv, run_.cfg, run_.train_cfg, run_.spe
+    loop = start(run_, checkpoints, make_optimizer(train_cfg, run_.num_steps), source)
+    p_train = _pmapped_step(cfg, train_cfg, run_.num_steps)
     p_eval = jax.pmap(make_eval_step(cfg), axis_name=AXIS, devices=jax.devices())
     batches = parallel.prefetch_to_devices(data.train_batches(
         run_.corpus.tokens["train"], seq_len=cfg.n_ctx, global_batch=train_cfg.batch_size, seed=train_cfg.seed,
         start=loop.position, **run_.layout()), parallel.device_sharding(jax.local_devices()))
+    # A time budget: until its step count is fixed (at fix_step) the first steps are timed, and nothing is
+    # evaluated or saved before fix_step, so every checkpoint belongs to the fixed schedule.
+    budgeted = train_cfg.time_budget_minutes is not None
+    fix_step = None if run_.budget_record is None else run_.budget_record["fixed_at_step"]
+    meter = (budget.Meter(60 * train_cfg.time_budget_minutes, warmup_steps(train_cfg, run_.num_steps),
+                          fake_seconds=fake_step_seconds()) if budgeted and fix_step is None else None)
     if fv.init_from is not None and loop.step == 0 and not any(r["step"] == 0 for r in loop.eval_records):
         _evaluate(run_, loop, p_eval, "validation")  # a fine-tuning run's start: PATH's own validation loss
     stop, bar, check_in = _StopRequest(), None, parallel.CheckIns(loop.step)
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while loop.step < num_steps:
+        while loop.step < run_.num_steps:
             if bar is None:
-                epoch = loop.step // spe
-                bar = tqdm(total=min(spe, num_steps - epoch * spe), initial=loop.step - epoch * spe,
-                           desc=f"epoch {epoch + 1}/{-(-num_steps // spe)}", unit="step",
-                           disable=fv.quiet or not run_.primary, dynamic_ncols=True, file=sys.stderr)
+                bar = _progress_bar(run_, loop.step)
                 loop.clock = time.perf_counter()
             loop.position, batch = next(batches)  # the position after this batch: saved with its state
             loop.state_N, m = p_train(loop.state_N, batch, loop.rng)
@@ -222,15 +228,32 @@ def train(run_: Run, checkpoints: Checkpoints, source: pretrained.Pretrained | N
             if len(loop.pending) > 1:  # at most two steps on the devices: a signal waits for one step only
                 jax.block_until_ready(loop.pending[-2][1])
             bar.update(1)
-            signum = _after_step(run_, loop, checkpoints, p_eval, bar, check_in, stop.signum)
+            evaluated = None
+            if meter is not None:
+                jax.block_until_ready(m)  # timed alone
+                if _agree(meter.tick()):  # the measurement is over: fix the step count at this step
+                    fix_step = loop.step
+                    _fetch_metrics(run_, loop, bar, keep_last=False)
+                    evaluated, eval_s = meter.time(lambda: _evaluate(run_, loop, p_eval, "validation"))
+                    run_ = dataclasses.replace(run_, num_steps=_fix_steps(run_, loop, meter, eval_s, bar))
+                    p_train, meter = _pmapped_step(cfg, train_cfg, run_.num_steps), None  # compiles again
+                    bar.close()
+                    bar = _progress_bar(run_, loop.step)
+            early = budgeted and (fix_step is None or loop.step < fix_step)
+            signum = _after_step(run_, loop, checkpoints, p_eval, bar, check_in, stop.signum, early=early,
+                                 evaluated=evaluated, fix_step=fix_step)
             if signum:
                 bar.close()
                 checkpoints.finish()
-                if run_.primary:
+                if run_.primary and early:
+                    print(f"stopped by {signal.Signals(signum).name} at step {loop.step}, before a time-budgeted run "
+                          f"saves (from the step where its step count is fixed): nothing saved in {run_.run_dir}; "
+                          f"run the same command to start again", file=sys.stderr)
+                elif run_.primary:
                     print(f"stopped by {signal.Signals(signum).name} at step {loop.step}: checkpoint saved in "
                           f"{run_.run_dir}; run the same command to resume", file=sys.stderr)
                 return 0
-            if loop.step % spe == 0 or loop.step == num_steps:
+            if loop.step % spe == 0 or loop.step == run_.num_steps:
                 bar.close()
                 bar = None
     except _Diverged as e:
@@ -250,26 +273,98 @@ def train(run_: Run, checkpoints: Checkpoints, source: pretrained.Pretrained | N
 
 
 def _after_step(run_: Run, loop: Loop, checkpoints: Checkpoints, p_eval: Callable, bar,
-                check_in: parallel.CheckIns, signum: int) -> int:
-    """Metrics, evaluation and a checkpoint where due after ``loop.step``; the signal to stop on, or 0."""
+                check_in: parallel.CheckIns, signum: int, *, early: bool = False, evaluated: dict | None = None,
+                fix_step: int | None = None) -> int:
+    """Metrics, evaluation and a checkpoint where due after ``loop.step``; the signal to stop on, or 0.
+
+    A time budget's run: ``early`` (before ``fix_step``, where its step count is fixed) evaluates and
+    saves nothing; ``fix_step`` evaluates and saves, ``evaluated`` its validation record if made already.
+    """
     fv, step = run_.fv, loop.step
-    do_eval = step % fv.eval_every == 0 or step % run_.spe == 0 or step == run_.num_steps
+    do_eval = not early and evaluated is None and (
+        step % fv.eval_every == 0 or step % run_.spe == 0 or step == run_.num_steps or step == fix_step)
     # Signals and the save clock are per process; several processes act on them together at
     # check-ins (scheduled saves, and a few seconds apart), one process at every step.
     agreed, overdue = 0, False
     if jax.process_count() == 1 or do_eval or step % fv.ckpt_every == 0 or step >= check_in.next_step:
         due = fv.ckpt_minutes > 0 and time.monotonic() - loop.last_save >= 60 * fv.ckpt_minutes
         agreed, overdue = check_in(step, signum, due, fv.log_every)
-    do_save = do_eval or step % fv.ckpt_every == 0 or overdue or agreed != 0
+    do_save = not early and (do_eval or evaluated is not None or step % fv.ckpt_every == 0 or overdue or agreed != 0)
     if do_eval or do_save or len(loop.pending) > fv.log_every:
         # All of them before an evaluation or a save: a checkpoint is only written once its losses are finite.
         _fetch_metrics(run_, loop, bar, keep_last=not (do_eval or do_save))
-    val_loss = _evaluate(run_, loop, p_eval, "validation")["loss"] if do_eval else None
+    if do_eval:
+        evaluated = _evaluate(run_, loop, p_eval, "validation")
+    val_loss = None if evaluated is None else evaluated["loss"]
     if do_save:
         _save(run_, loop, checkpoints, val_loss)
-    if do_eval:
+    if do_eval or evaluated is not None:
         loop.clock = time.perf_counter()  # evaluation and saving are not training throughput
     return agreed
+
+
+def _pmapped_step(cfg: GPT2Config, train_cfg: TrainConfig, num_steps: int) -> Callable:
+    """The train step of a ``num_steps`` run under pmap over every device (state donated)."""
+    step = make_train_step(cfg, make_optimizer(train_cfg, num_steps), make_schedule(train_cfg, num_steps))
+    return jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=jax.devices())
+
+
+def _progress_bar(run_: Run, step: int):
+    epoch, spe, n = step // run_.spe, run_.spe, run_.num_steps
+    return tqdm(total=min(spe, n - epoch * spe), initial=step - epoch * spe, desc=f"epoch {epoch + 1}/{-(-n // spe)}",
+                unit="step", disable=run_.fv.quiet or not run_.primary, dynamic_ncols=True, file=sys.stderr)
+
+
+# Test hook: every step, evaluation and host copy of a time-budgeted run then "takes" this many seconds
+# (budget.Meter), so the step count it fixes is the same in every run of a test.
+FAKE_STEP_SECONDS_ENV = "GPT2_JAX_FAKE_STEP_SECONDS"
+
+
+def fake_step_seconds() -> float | None:
+    text = os.environ.get(FAKE_STEP_SECONDS_ENV)
+    try:
+        seconds = None if text is None else float(text)
+    except ValueError:
+        seconds = math.nan
+    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+        raise UserError(f"${FAKE_STEP_SECONDS_ENV}={text} must be a number of seconds > 0 (a test hook; unset it)")
+    return seconds
+
+
+def _agree(value: int) -> int:
+    """Process 0's ``value`` in every process: what one decides from its own clock, all must do alike."""
+    if jax.process_count() == 1:
+        return int(value)
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _fix_steps(run_: Run, loop: Loop, meter: budget.Meter, eval_s: float, bar) -> int:
+    """The time budget's step count, from the timings of the steps so far; recorded in run.json."""
+    fv, train_cfg, corpus = run_.fv, run_.train_cfg, run_.corpus
+    state_0 = jax.tree.map(lambda x: x.addressable_shards[0].data, loop.state_N)
+    _, save_s = meter.time(lambda: jax.device_get(state_0))  # what a checkpoint holds the loop up for
+    timings = meter.timings(evaluation=eval_s, save=save_s,
+                            final=eval_s * len(corpus.tokens["test"]) / len(corpus.tokens["validation"]))
+    n = _agree(budget.steps_in_budget(60 * train_cfg.time_budget_minutes, timings, done=loop.step,
+                                      upper=run_.num_steps, eval_every=fv.eval_every, ckpt_every=fv.ckpt_every,
+                                      steps_per_epoch=run_.spe, ckpt_minutes=fv.ckpt_minutes))
+    warmup = warmup_steps(train_cfg, run_.num_steps)
+    measured = (f"{timings.step:.3g} s a step, {eval_s:.3g} s an evaluation, {timings.elapsed:.0f} s spent in "
+                f"the first {loop.step} steps")
+    if n <= warmup:
+        bar.close()
+        raise UserError(f"--time_budget_minutes={train_cfg.time_budget_minutes:g} ends the run at step {n} "
+                        f"({measured}), within the {warmup} warmup steps; raise it (in a new --run_dir) or lower "
+                        f"--warmup_steps")
+    if run_.primary:
+        record = {"minutes": train_cfg.time_budget_minutes, "fixed_at_step": loop.step, "steps": n,
+                  "upper_bound_steps": run_.num_steps, **timings.to_dict()}
+        if fake_step_seconds() is not None:
+            record["fake_step_seconds"] = fake_step_seconds()
+        rundir.write_run_json(run_.run_dir, {**rundir.read_run_json(run_.run_dir), "total_steps": n,
+                                             "time_budget": record})
+    run_.say(f"time budget {train_cfg.time_budget_minutes:g} min: {n} steps ({measured})")
+    return n
 
 
 def _finish(run_: Run, loop: Loop, p_eval: Callable, checkpoints: Checkpoints) -> None:

@@ -28,14 +28,40 @@ from gpt2_jax import tokenizer as tokenizer_lib
 from gpt2_jax.checkpoint import Checkpoints, write_failed
 from gpt2_jax.cli import check, define_dtype_flag, parse_flags, resolve_dtype, run
 from gpt2_jax.config import PRESETS, GPT2Config
-from gpt2_jax.core import TrainConfig, total_steps, warmup_steps
+from gpt2_jax.core import SCHEDULES, TrainConfig, total_steps, warmup_steps
 from gpt2_jax.errors import UserError
+
+
+# Named recipes (--recipe): flag values chosen by a study, applied where the flag is not given.
+# cpu30: the best test-free choice of experiments/cpu_recipe.py for 30 minutes on a 2-core CPU.
+RECIPES: dict[str, dict] = {
+    "cpu30": {"size": "tiny", "time_budget_minutes": 30.0, "epochs": 100},
+}
+
+
+def recipe_text(name: str) -> str:
+    return " ".join(f"--{k}={v}" for k, v in RECIPES[name].items())
+
+
+def apply_recipe(fv: flags.FlagValues) -> dict | None:
+    """Set ``--recipe``'s flag values where the flag was not given; -> the run.json record, or None."""
+    if fv.recipe is None:
+        return None
+    applied = {}
+    for name, value in RECIPES[fv.recipe].items():
+        if not fv[name].present:
+            fv[name].value = value
+            applied[name] = value
+    return {"name": fv.recipe, "values": RECIPES[fv.recipe], "overridden": sorted(set(RECIPES[fv.recipe]) - set(applied))}
 
 
 def _define_flags() -> flags.FlagValues:
     fv = flags.FlagValues()
     d = TrainConfig()
     flags.DEFINE_enum("size", "tiny", list(PRESETS), "model preset (see python -m gpt2_jax.config)", flag_values=fv)
+    flags.DEFINE_enum("recipe", None, list(RECIPES), "a named set of flag values (any flag given wins), "
+                      "recorded in run.json: " + "; ".join(f"{k}: {recipe_text(k)}" for k in RECIPES),
+                      flag_values=fv)
     flags.DEFINE_string("run_dir", None, "run directory: config, tokenizer, checkpoints, metrics, plot. "
                         "Re-running the same command in it resumes the run", flag_values=fv)
     flags.DEFINE_string("data_dir", None,
@@ -51,14 +77,23 @@ def _define_flags() -> flags.FlagValues:
     flags.DEFINE_integer("epochs", d.epochs, "passes over the training split", flag_values=fv)
     flags.DEFINE_integer("max_steps", None, "stop after this many steps (the LR schedule is fitted to the "
                          "shorter run)", flag_values=fv)
+    flags.DEFINE_float("time_budget_minutes", None, "stop when this much wall time (compilation, steps, "
+                       "evaluations, checkpoints; not data preparation) runs out, or at --epochs/--max_steps if "
+                       "sooner: the first steps are timed, then the step count is fixed once (in run.json) and the "
+                       "LR schedule ends there", flag_values=fv)
     flags.DEFINE_integer("batch_size", d.batch_size, "global batch in sequences, split over all devices of all "
                          "processes (must be divisible by their number)", flag_values=fv)
     flags.DEFINE_integer("eval_batch_size", None, "evaluation batch (default: --batch_size)", lower_bound=1,
                          flag_values=fv)
     flags.DEFINE_float("lr", d.lr, "peak learning rate", flag_values=fv)
-    flags.DEFINE_integer("warmup_steps", d.warmup_steps, "linear warmup steps before the cosine decay (default: "
+    flags.DEFINE_integer("warmup_steps", d.warmup_steps, "linear warmup steps before the decay (default: "
                          "100, or a tenth of a shorter run)", flag_values=fv)
-    flags.DEFINE_float("final_lr_fraction", d.final_lr_fraction, "the cosine ends at lr times this",
+    flags.DEFINE_enum("schedule", d.schedule, list(SCHEDULES), "after the warmup: cosine decay, or wsd "
+                      "(warmup-stable-decay: the peak held, then a linear decay over the last --decay_fraction)",
+                      flag_values=fv)
+    flags.DEFINE_float("decay_fraction", d.decay_fraction, "--schedule=wsd: the final linear decay's share of "
+                       "the steps", flag_values=fv)
+    flags.DEFINE_float("final_lr_fraction", d.final_lr_fraction, "the decay ends at lr times this",
                        flag_values=fv)
     flags.DEFINE_float("weight_decay", d.weight_decay, "AdamW decoupled weight decay (kernels and embeddings; "
                        "not biases or LayerNorm)", flag_values=fv)
@@ -133,6 +168,11 @@ def configs_from_flags(fv: flags.FlagValues) -> tuple[GPT2Config, TrainConfig, p
     training = {"dtype": "float32" if fv.dtype == "auto" else fv.dtype, "remat": fv.remat}
     if fv.dropout is not None:
         training.update(dropout=fv.dropout, attn_dropout=fv.dropout)
+    if fv["decay_fraction"].present and fv.schedule != "wsd":
+        raise UserError(f"--decay_fraction is the length of --schedule=wsd's final decay; --schedule={fv.schedule} "
+                        f"has none: add --schedule=wsd or drop --decay_fraction")
+    if fv.time_budget_minutes is not None and fv.warmup_steps is not None and fv.warmup_steps < 2:
+        raise UserError(budget_warmup_error(fv.warmup_steps))
     source, values = None, {k: fv[k].value for k in FINETUNE_DEFAULTS}
     if fv.init_from is not None:
         source = pretrained.open_source(fv.init_from, rundir.parse_step(fv.init_step))
@@ -146,12 +186,19 @@ def configs_from_flags(fv: flags.FlagValues) -> tuple[GPT2Config, TrainConfig, p
             n_ctx = overrides.pop("n_ctx", None)
             cfg = pretrained.model_config(source, size=fv.size if fv["size"].present else None,
                                           overrides=overrides, n_ctx=n_ctx, **training)
-        train_cfg = TrainConfig(batch_size=fv.batch_size, max_steps=fv.max_steps, warmup_steps=fv.warmup_steps,
+        train_cfg = TrainConfig(batch_size=fv.batch_size, max_steps=fv.max_steps,
+                                time_budget_minutes=fv.time_budget_minutes, warmup_steps=fv.warmup_steps,
+                                schedule=fv.schedule, decay_fraction=fv.decay_fraction,
                                 final_lr_fraction=fv.final_lr_fraction, weight_decay=fv.weight_decay,
                                 grad_clip=fv.grad_clip, b2=fv.b2, seed=fv.seed, **values)
     except ValueError as e:
         raise _flag_error(e) from None
     return cfg, train_cfg, source
+
+
+def budget_warmup_error(warmup: int) -> str:
+    return (f"--time_budget_minutes times the first steps inside the warmup (its learning rates do not depend on "
+            f"the step count still to be fixed), so it needs --warmup_steps >= 2; the warmup is {warmup}")
 
 
 def init_distributed(fv: flags.FlagValues, environ) -> bool:
@@ -176,6 +223,7 @@ def main(argv: Sequence[str]) -> int:
         data.quiet_tfds()
     if not fv.run_dir:
         raise UserError("--run_dir is required: the folder that holds (or will hold) the run")
+    recipe = apply_recipe(fv)
     cfg, train_cfg, source = configs_from_flags(fv)
     init_distributed(fv, os.environ)  # before anything else touches JAX
     primary = jax.process_index() == 0
@@ -188,6 +236,8 @@ def main(argv: Sequence[str]) -> int:
     warn = rundir.print_warning if primary else (lambda message: None)
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax reports routine progress at WARNING
     record = {"model": cfg.to_dict(), "train": train_cfg.to_dict()}
+    if recipe is not None:
+        record["recipe"] = recipe
     if source is not None:
         defaults = [k for k in FINETUNE_DEFAULTS if not fv[k].present]
         record["init_from"] = {**source.record(), "finetune_defaults": defaults}
@@ -214,10 +264,12 @@ def main(argv: Sequence[str]) -> int:
         except UserError as e:
             error = e
         parallel.all_ok(error, f"reading {run_dir} and the data")
-        corpus, spe, num_steps = opened
+        corpus, spe, num_steps, fixed = opened
         say(f"compute dtype: {dtype} ({why})")
+        # The warmup of the most steps the run may do: a time budget fixes fewer, on the same warmup.
+        train_cfg = dataclasses.replace(train_cfg, warmup_steps=warmup_steps(train_cfg, total_steps(train_cfg, spe)))
         run_ = loop.Run(fv=fv, cfg=cfg, train_cfg=train_cfg, corpus=corpus, run_dir=run_dir, spe=spe,
-                    num_steps=num_steps, say=say)
+                        num_steps=num_steps, say=say, budget_record=fixed)
         checkpoints = Checkpoints(run_dir, keep=fv.keep, warn=warn, quarantine=run_dir / rundir.CORRUPT_DIR)
         try:
             code = loop.train(run_, checkpoints, source)
@@ -231,16 +283,27 @@ def main(argv: Sequence[str]) -> int:
         return code
 
 
-def _open_run(fv, cfg, train_cfg, record, run_dir, argv, source) -> tuple[data.Corpus, int, int]:
-    """Check (or, in process 0, create) the run directory; load the corpus. -> (corpus, steps per epoch, steps)."""
+# TrainConfig fields added after runs were made: a run.json without one ran with its default.
+_ADDED_TRAIN_FIELDS = {"time_budget_minutes": None, "schedule": "cosine", "decay_fraction": 0.2}
+
+
+def _open_run(fv, cfg, train_cfg, record, run_dir, argv, source) -> tuple[data.Corpus, int, int, dict | None]:
+    """Check (or, in process 0, create) the run directory; load the corpus.
+
+    -> (corpus, steps per epoch, steps, the time budget's record once it fixed the steps, else None).
+    """
     resuming = (run_dir / rundir.RUN_FILE).exists()
     if not resuming and jax.process_index() != 0:
         raise UserError(f"{run_dir / rundir.RUN_FILE}, just written by process 0, is not visible to process "
                         f"{jax.process_index()}; --run_dir must be on a filesystem all processes share")
     tok = None if source is None else source.tokenizer  # fine-tuning: PATH's tokenizer encodes the data
+    saved = {}
     if resuming:
         saved = rundir.read_run_json(run_dir)
-        diffs = rundir.config_differences({k: saved.get(k) for k in record}, record)
+        before = {k: saved.get(k) for k in record}
+        if isinstance(before.get("train"), dict):
+            before["train"] = {**_ADDED_TRAIN_FIELDS, **before["train"]}
+        diffs = rundir.config_differences(before, record)
         if diffs:
             more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
             raise UserError(f"{run_dir} belongs to a different config: {diffs[0]}{more}; use a new --run_dir "
@@ -251,11 +314,20 @@ def _open_run(fv, cfg, train_cfg, record, run_dir, argv, source) -> tuple[data.C
     corpus = data.prepare_corpus(fv.data_dir, fv.cache_dir, vocab_size=cfg.vocab_size, tokenizer=tok, log=log)
     tokenizer_lib.check_vocab_matches(corpus.tokenizer, cfg)
     spe = data.steps_per_epoch(len(corpus.tokens["train"]), cfg.n_ctx, train_cfg.batch_size)
-    num_steps = total_steps(train_cfg, spe)
+    num_steps = total_steps(train_cfg, spe)  # under a time budget: the most it may fix
     try:
-        warmup = warmup_steps(train_cfg, num_steps)
+        warmup = warmup_steps(train_cfg, num_steps)  # fixed now, before a time budget fixes the step count
     except ValueError as e:
         raise UserError(f"--{e}; lower it or raise --max_steps/--epochs") from None
+    if train_cfg.time_budget_minutes is not None and warmup < 2:
+        raise UserError(budget_warmup_error(warmup))
+    fixed = saved.get("time_budget")
+    if fixed is not None:
+        if not (isinstance(fixed, dict) and isinstance(fixed.get("steps"), int) and warmup < fixed["steps"] <= num_steps
+                and isinstance(fixed.get("fixed_at_step"), int)):
+            raise UserError(f"{run_dir / rundir.RUN_FILE}'s time_budget record is damaged (no steps between the "
+                            f"{warmup} warmup steps and {num_steps}, or no fixed_at_step); restore it from a copy")
+        num_steps = fixed["steps"]
     if not resuming:
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer_lib.save_tokenizer(corpus.tokenizer, run_dir / rundir.TOKENIZER_FILE)
@@ -263,7 +335,7 @@ def _open_run(fv, cfg, train_cfg, record, run_dir, argv, source) -> tuple[data.C
                                         "warmup_steps": warmup,
                                         "tokenizer": tokenizer_lib.tokenizer_fingerprint(corpus.tokenizer),
                                         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": list(argv)})
-    return corpus, spe, num_steps
+    return corpus, spe, num_steps, fixed
 
 
 # Out of memory in training: a smaller batch, or activations recomputed instead of kept.

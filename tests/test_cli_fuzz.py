@@ -53,7 +53,9 @@ RANGES = {
     "train": {
         "size": (), "run_dir": (), "data_dir": (), "cache_dir": (), "init_from": (), "init_step": ("last", "-1"),
         "epochs": ("0", "-1"), "max_steps": ("0",), "batch_size": ("0", "-8"), "eval_batch_size": ("0",),
+        "time_budget_minutes": ("0", "-1", ("--time_budget_minutes=30", "--warmup_steps=1")), "recipe": (),
         "lr": ("0", "-0.001"), "warmup_steps": ("-1",), "final_lr_fraction": ("-0.1", "1.5"),
+        "schedule": (), "decay_fraction": ("0", "1.5", ("--schedule=cosine", "--decay_fraction=0.5")),
         "weight_decay": ("-0.1",), "grad_clip": ("-1",), "b2": ("1", "-0.5"), "seed": ("-1", str(MAX_SEED + 1)),
         "dropout": ("-0.1", "1"), "dtype": (), "remat": (),
         "vocab_size": ("0", "257"), "n_ctx": ("0",), "n_layer": ("0",), "d_ff": ("0",),

@@ -12,6 +12,7 @@ Every subprocess has a deadline and is killed in a ``finally``, so a hung peer f
 instead of hanging it. Micro model and the real WikiText-2, as in tests/test_train.py.
 """
 
+import json
 import os
 import pathlib
 import shutil
@@ -26,7 +27,7 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import data, parallel, pretrained, rundir, train
+from gpt2_jax import data, loop, parallel, pretrained, rundir, train
 from gpt2_jax.cli import parse_flags
 from gpt2_jax.errors import UserError
 from gpt2_jax.metrics import read_jsonl
@@ -123,8 +124,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(env, run_dir, *flags, processes: int, devices: int) -> list[subprocess.Popen]:
-    """``processes`` training processes of one run, each with ``devices`` CPU devices."""
+def _start(env, run_dir, *flags, processes: int, devices: int, process_env=()) -> list[subprocess.Popen]:
+    """``processes`` training processes of one run, each with ``devices`` CPU devices (and process i with
+    ``process_env[i]`` added to its environment)."""
     env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     cmd = [sys.executable, "-m", "gpt2_jax.train", f"--run_dir={run_dir}", *MICRO, *flags]
     if processes == 1:
@@ -133,8 +135,9 @@ def _start(env, run_dir, *flags, processes: int, devices: int) -> list[subproces
         port = _free_port()
         cmds = [cmd + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
                        f"--process_id={i}"] for i in range(processes)]
-    return [subprocess.Popen(c, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            for c in cmds]
+    extra = list(process_env) + [{}] * (len(cmds) - len(process_env))
+    return [subprocess.Popen(c, env=dict(env, **e), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True) for c, e in zip(cmds, extra)]
 
 
 def _finish(procs: list[subprocess.Popen], deadline: float) -> list[tuple[int, str]]:
@@ -153,9 +156,9 @@ def _kill(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def _run(env, run_dir, *flags, processes=1, devices=1, expect_rc=0) -> list[str]:
+def _run(env, run_dir, *flags, processes=1, devices=1, expect_rc=0, process_env=()) -> list[str]:
     """Train to the end; the stderr of each process."""
-    results = _finish(_start(env, run_dir, *flags, processes=processes, devices=devices),
+    results = _finish(_start(env, run_dir, *flags, processes=processes, devices=devices, process_env=process_env),
                       time.time() + DEADLINE_S)
     for i, (rc, err) in enumerate(results):
         assert rc == expect_rc, f"process {i} exited {rc}:\n{err[-3000:]}"
@@ -175,6 +178,23 @@ def _assert_same_run(run_dir, reference):
     assert _losses(run_dir) == _losses(reference)
     assert read_jsonl(run_dir / rundir.EVALS_FILE) == read_jsonl(reference / rundir.EVALS_FILE)
     chex.assert_trees_all_equal(_params(run_dir, 6), _params(reference, 6))
+
+
+@pytest.mark.slow
+def test_a_time_budget_fixes_process_0s_step_count_in_every_process_whatever_their_clocks(env, tmp_path):
+    budget = ("--time_budget_minutes=0.05", "--max_steps=1000", "--ckpt_every=10", "--eval_every=1000",
+              "--dtype=float32")  # tolerances: float32 summation order
+    fake = loop.FAKE_STEP_SECONDS_ENV
+    one, two = tmp_path / "one_process_two_devices", tmp_path / "two_processes"
+    _run(dict(env, **{fake: "0.1"}), one, *budget, processes=1, devices=2)
+    # Process 1's steps "take" 1 s: alone it would fix no step past the warmup and stop with an error.
+    _run(env, two, *budget, processes=2, devices=1, process_env=({fake: "0.1"}, {fake: "1"}))
+    record = json.loads((two / rundir.RUN_FILE).read_text())["time_budget"]
+    assert record == json.loads((one / rundir.RUN_FILE).read_text())["time_budget"] and 2 < record["steps"] < 1000
+    n = record["steps"]
+    assert _losses(two) == _losses(one) and [s for s, _, _ in _losses(two)] == list(range(1, n + 1))
+    assert read_jsonl(two / rundir.EVALS_FILE) == read_jsonl(one / rundir.EVALS_FILE)
+    chex.assert_trees_all_equal(_params(two, n), _params(one, n))
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,12 @@ micro model with a 512-token BPE over the real WikiText-2 (tokenizer and streams
 the data module; compiled steps by a JAX compilation cache shared by the session's subprocesses).
 """
 
+import dataclasses
 import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +25,7 @@ import optax
 import pytest
 
 from gpt2_jax import checkpoint as ckpt
-from gpt2_jax import core, pretrained, rundir, train
+from gpt2_jax import budget, core, loop, pretrained, rundir, train
 from gpt2_jax.errors import UserError
 from gpt2_jax.metrics import read_jsonl
 from gpt2_jax.model import cross_entropy_loss, forward, init_params
@@ -73,6 +75,28 @@ def test_schedule_warms_up_linearly_to_the_peak_then_cosine_decays_to_the_final_
     assert np.all(np.diff(decay) < 0)
     with pytest.raises(ValueError, match="warmup_steps=10 must be smaller than the 10 training steps"):
         core.make_schedule(cfg, 10)
+
+
+def test_wsd_schedule_warms_up_holds_the_peak_then_decays_linearly_to_the_final_fraction():
+    cfg = core.TrainConfig(lr=1e-3, warmup_steps=10, final_lr_fraction=0.1, schedule="wsd", decay_fraction=0.2)
+    lr = core.make_schedule(cfg, 100)  # the decay: the last 20 steps, 80 -> 100
+    np.testing.assert_allclose([lr(0), lr(5), lr(10)], [0.0, 5e-4, 1e-3], rtol=1e-6)  # warmup end: the peak
+    np.testing.assert_allclose([lr(s) for s in (11, 50, 80)], [1e-3] * 3, rtol=1e-6)  # stable
+    np.testing.assert_allclose([lr(90), lr(99)], [(1e-3 + 1e-4) / 2, 1e-4 + 9e-4 / 20], rtol=1e-5)  # linear
+    np.testing.assert_allclose([lr(100), lr(500)], [1e-4, 1e-4], rtol=1e-6)  # the last step's end value
+    cosine = core.make_schedule(dataclasses.replace(cfg, schedule="cosine"), 100)
+    assert [float(lr(s)) for s in range(11)] == [float(cosine(s)) for s in range(11)]  # one warmup for both
+    # A decay longer than the steps after the warmup starts where the warmup ends.
+    whole = core.make_schedule(dataclasses.replace(cfg, decay_fraction=1.0), 100)
+    np.testing.assert_allclose([whole(10), whole(55), whole(100)], [1e-3, (1e-3 + 1e-4) / 2, 1e-4], rtol=1e-5)
+
+
+def test_train_config_refuses_an_unknown_schedule_a_decay_outside_0_1_and_a_budget_of_no_time():
+    for bad, match in [({"schedule": "linear"}, "schedule must be one of cosine, wsd"),
+                       ({"decay_fraction": 0.0}, r"decay_fraction must be in \(0, 1\]"),
+                       ({"time_budget_minutes": 0.0}, "time_budget_minutes must be > 0")]:
+        with pytest.raises(ValueError, match=match):
+            core.TrainConfig(**bad)
 
 
 def test_total_steps_is_all_epochs_unless_max_steps_comes_first():
@@ -457,3 +481,155 @@ def test_a_damaged_run_json_stops_a_resume_with_one_line_and_touches_nothing(fin
     with pytest.raises(UserError, match=r"run.json is not a run record"):
         _main(f"--run_dir={run_dir}", *RESUME_FLAGS)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != rundir.LOCK_FILE} == before
+
+
+# ---------------------------------------------------------------- a time budget, in subprocesses
+
+# A 12-second budget on a clock where every step, evaluation and host copy takes 0.1 s (the test hook):
+# the step count it fixes is the same in every run, and far below --max_steps.
+BUDGET_FLAGS = ("--time_budget_minutes=0.2", "--max_steps=1000", "--ckpt_every=10", "--eval_every=50", "--schedule=wsd")
+FAKE_CLOCK = {loop.FAKE_STEP_SECONDS_ENV: "0.1"}
+
+
+@pytest.fixture(scope="module")
+def budgeted_run(cli_env, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "budgeted"
+    p = _train(dict(cli_env, **FAKE_CLOCK), run_dir, *BUDGET_FLAGS)
+    assert p.stderr.startswith("done: ") and p.stderr.count("\n") == 1, p.stderr
+    return run_dir
+
+
+def _step_metrics(run_dir):  # all but the throughput, which is timing
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_jsonl(run_dir / rundir.METRICS_FILE)]
+
+
+def _run_json(run_dir):
+    return json.loads((pathlib.Path(run_dir) / rundir.RUN_FILE).read_text())
+
+
+def test_a_time_budget_fixes_the_step_count_once_in_the_warmup_and_the_schedule_ends_at_it(budgeted_run):
+    record = _run_json(budgeted_run)
+    fixed = record["time_budget"]
+    n = record["total_steps"]
+    # Timed during the 5 warmup steps (the first 20 steps would be timed, but the warmup ends first).
+    assert fixed["fixed_at_step"] == 5 and fixed["steps"] == n and fixed["upper_bound_steps"] == 1000
+    assert [fixed[f"{k}_seconds"] for k in ("step", "evaluation", "save")] == pytest.approx([0.1] * 3)
+    timings = budget.Timings(**{k: fixed[f"{k}_seconds"] for k in
+                                ("elapsed", "step", "compile", "evaluation", "save", "final")})
+    assert n == budget.steps_in_budget(12.0, timings, done=5, upper=1000, eval_every=50, ckpt_every=10,
+                                       steps_per_epoch=record["steps_per_epoch"], ckpt_minutes=10.0)
+    assert 50 < n < 1000  # the budget, not --max_steps, ends the run
+    steps = read_jsonl(budgeted_run / rundir.METRICS_FILE)
+    assert [r["step"] for r in steps] == list(range(1, n + 1))
+    # Every step's learning rate is the wsd schedule of n steps, which ends at lr * final_lr_fraction.
+    lr = core.make_schedule(core.TrainConfig(**{**record["train"], "warmup_steps": 5}), n)
+    np.testing.assert_allclose([r["lr"] for r in steps], [lr(s) for s in range(n)], rtol=1e-6)
+    assert float(lr(n)) == pytest.approx(3e-3 * 0.1, rel=1e-6)
+    assert steps[-1]["lr"] < 3e-3 * 0.2 and max(r["lr"] for r in steps) == pytest.approx(3e-3)
+    # The fix step evaluates and saves; nothing is evaluated or saved before it.
+    evals = [(r["split"], r["step"]) for r in read_jsonl(budgeted_run / rundir.EVALS_FILE)]
+    assert evals == [("validation", s) for s in (5, *range(50, n, 50), n)] + [("test", n)]
+    assert min(_steps(budgeted_run)) >= 5 and max(_steps(budgeted_run)) == n
+
+
+def test_a_budgeted_run_killed_after_its_step_count_is_fixed_resumes_to_the_same_step_bitwise(
+        cli_env, budgeted_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(run_dir, *BUDGET_FLAGS), env=_env(dict(cli_env, **FAKE_CLOCK), 1), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / rundir.CHECKPOINT_DIR / "30").is_dir():
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    n = _run_json(budgeted_run)["total_steps"]
+    assert max(s for s, _ in _losses(run_dir)) < n, "killed too late to test anything"
+    # Resumed on the real clock: it must take the step count from run.json, not time the steps again.
+    _train(cli_env, run_dir, *BUDGET_FLAGS)
+    # And a run dir whose run.json has the fixed count but no checkpoint (killed before its first save)
+    # starts again from step 0 on that schedule: the warmup steps it times are the same either way.
+    fresh = tmp_path / "run_json_only"
+    fresh.mkdir()
+    for name in (rundir.RUN_FILE, rundir.TOKENIZER_FILE):
+        shutil.copy(budgeted_run / name, fresh / name)
+    _train(cli_env, fresh, *BUDGET_FLAGS)
+    want = pretrained.load_run(budgeted_run, n)
+    for other in (run_dir, fresh):
+        assert _run_json(other)["time_budget"] == _run_json(budgeted_run)["time_budget"]
+        assert _step_metrics(other) == _step_metrics(budgeted_run)  # every step once, bit-equal
+        assert read_jsonl(other / rundir.EVALS_FILE) == read_jsonl(budgeted_run / rundir.EVALS_FILE)
+        got = pretrained.load_run(other, n)
+        chex.assert_trees_all_equal(jax.device_get(got.params), jax.device_get(want.params))
+
+
+def test_a_budget_too_small_for_the_warmup_is_one_line_exit_2_and_nothing_is_saved(cli_env, tmp_path):
+    run_dir = tmp_path / "tiny_budget"
+    p = _train(cli_env, run_dir, "--time_budget_minutes=0.001", "--max_steps=1000", expect_rc=2)
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+    # The first step (compiling) takes longer than the 0.06 s budget.
+    assert p.stderr.startswith("error: --time_budget_minutes=0.001 ends the run at step 1 (") and p.stderr.endswith(
+        "within the 5 warmup steps; raise it (in a new --run_dir) or lower --warmup_steps\n"), p.stderr
+    assert not (run_dir / rundir.CHECKPOINT_DIR).exists() or _steps(run_dir) == []
+    assert "time_budget" not in _run_json(run_dir)
+
+
+def test_a_budget_needs_a_warmup_to_time_its_first_steps_in_and_decay_fraction_needs_wsd(tmp_path):
+    with pytest.raises(UserError, match=r"^--time_budget_minutes times the first steps inside the warmup .* "
+                                        r"needs --warmup_steps >= 2; the warmup is 1$"):
+        _main(f"--run_dir={tmp_path}", "--time_budget_minutes=30", "--warmup_steps=1")
+    with pytest.raises(UserError, match=r"^--decay_fraction is the length of --schedule=wsd's final decay"):
+        _main(f"--run_dir={tmp_path}", "--decay_fraction=0.3")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_sigterm_before_a_budget_fixes_its_step_count_saves_nothing_and_says_so(cli_env, tmp_path):
+    run_dir = tmp_path / "term_early"
+    # Slow steps and a long warmup: the first 20 steps after the compiling one are timed (seconds).
+    proc = subprocess.Popen(_cmd(run_dir, *SLOW_STEP, "--time_budget_minutes=30", "--warmup_steps=50",
+                                 "--max_steps=100000", "--noquiet"),
+                            env=_env(cli_env, 1), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.set_blocking(proc.stderr.fileno(), False)
+    err, deadline = b"", time.time() + 240
+    while b"epoch 1/" not in err:  # the bar is up: the first step is compiling
+        assert proc.poll() is None and time.time() < deadline, err.decode()[-2000:]
+        err += proc.stderr.read() or b""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=240)
+    os.set_blocking(proc.stderr.fileno(), True)
+    err = (err + proc.stderr.read()).decode()
+    assert proc.returncode == 0, err[-2000:]
+    stopped = re.search(r"stopped by SIGTERM at step (\d+), before a time-budgeted run saves \(from the step where "
+                        r"its step count is fixed\): nothing saved in (\S+); run the same command to start again$",
+                        err.rstrip())
+    assert stopped and int(stopped[1]) < 21 and stopped[2] == str(run_dir), err[-2000:]
+    assert _steps(run_dir) == [] and "time_budget" not in _run_json(run_dir)
+    assert not (run_dir / rundir.EVALS_FILE).exists()
+
+
+def test_a_recipe_sets_the_flags_not_given_and_is_recorded_in_run_json(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_open_run(fv, cfg, train_cfg, record, *args):
+        seen.update(cfg=cfg, train_cfg=train_cfg, record=record)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(train, "_open_run", fake_open_run)
+    recipe = train.RECIPES["cpu30"]
+    with pytest.raises(UserError, match="stop here"):
+        train.main(["gpt2_jax.train", f"--run_dir={tmp_path / 'r'}", "--recipe=cpu30", "--seed=7"])
+    tc, cfg = seen["train_cfg"], seen["cfg"]
+    assert tc.time_budget_minutes == recipe["time_budget_minutes"] and tc.seed == 7
+    for flag, value in recipe.items():
+        where = {f.name: tc for f in dataclasses.fields(tc)} | {f.name: cfg for f in dataclasses.fields(cfg)}
+        if flag in where:
+            assert getattr(where[flag], flag) == value, flag
+    assert seen["record"]["recipe"] == {"name": "cpu30", "values": recipe, "overridden": []}
+    # A flag given wins over the recipe, and the record says which.
+    with pytest.raises(UserError, match="stop here"):
+        train.main(["gpt2_jax.train", f"--run_dir={tmp_path / 'r'}", "--recipe=cpu30", "--time_budget_minutes=5"])
+    assert seen["train_cfg"].time_budget_minutes == 5.0
+    assert seen["record"]["recipe"]["overridden"] == ["time_budget_minutes"]
