@@ -3,7 +3,7 @@
     python experiments/cpu_recipe.py                   # ~2 h on 2 cores: ablations, then 2 x 30 min
 
 Greedy ablations, each under --ablation_minutes (default 6) of `train --time_budget_minutes`,
-each stage keeping the best of its options by VALIDATION loss only: BPE size, peak LR, shape,
+each stage keeping the best of its options by VALIDATION word perplexity only: BPE size, peak LR, shape,
 dropout, schedule. The winner then trains with the full --final_minutes budget on two seeds; test
 numbers (best checkpoint by validation loss, disjoint 128-token windows) are read only then.
 Data preparation (tokenizer training, encoding) is timed apart, outside every budget. Runs one
@@ -63,7 +63,15 @@ def run_one(name: str, flags: dict, runs: pathlib.Path, results: dict, vocab_siz
     run_dir = runs / name
     prep_s = prepare_data(vocab_size)
     load_before = os.getloadavg()
-    wall = study.train(run_dir, flags)
+    try:
+        wall = study.train(run_dir, flags)
+    except subprocess.CalledProcessError as e:
+        if e.returncode != 2:
+            raise
+        # A user error: here, a budget that ends within the warmup (the shape's steps are too slow).
+        results["runs"][name] = {"flags": flags, "infeasible": "train exited 2 (its one-line error is in the log)",
+                                 "load_before": [round(x, 2) for x in load_before]}
+        return results["runs"][name]
     load_after = os.getloadavg()
     run = json.loads((run_dir / "run.json").read_text())
     evals = study.read_jsonl(run_dir / "evals.jsonl")
@@ -114,7 +122,9 @@ def main() -> None:
             run_one(name, {**train_flags(setting), **ablation}, runs, results, setting["vocab_size"])
             save()
             tried.append(name)
-        winner = min(tried, key=lambda n: results["runs"][n]["best_val"]["loss"])
+        # Word perplexity, not token loss: the same text and word count whatever the vocabulary.
+        winner = min((n for n in tried if "infeasible" not in results["runs"][n]),
+                     key=lambda n: results["runs"][n]["best_val"]["word_ppl"])
         if winner != best_name:
             chosen = {**chosen, field: value_of(results["runs"][winner]["flags"], field)}
             best_name = winner
@@ -130,6 +140,7 @@ def main() -> None:
 
     want = {**train_flags(chosen), "time_budget_minutes": args.final_minutes, "epochs": 100,
             "eval_every": FINAL_EVAL_EVERY}
+    results["recipe_flags"] = want  # tests/test_train.py checks RECIPES['cpu30'] against it
     if RECIPES["cpu30"] != want:
         sys.exit(f"gpt2_jax/train.py's RECIPES['cpu30'] is {RECIPES['cpu30']}, the study chose {want}: set it, "
                  f"then run this again (finished runs are skipped)")
@@ -165,17 +176,20 @@ def _cpu_name() -> str:
 
 def summary(results: dict) -> str:
     lines = [f"# {NAME}", "", f"Hardware: {results['hardware']} ({results['cpu']}). Ablations: "
-             f"{results['ablation_minutes']:g}-minute budgets, chosen by validation loss; final: "
+             f"{results['ablation_minutes']:g}-minute budgets, chosen by validation word ppl; final: "
              f"{results['final_minutes']:g} minutes. Budgets count compilation, steps, evaluations and checkpoints; "
              "data preparation is timed apart. Word perplexities are comparable across vocabularies.", "",
              "| run | steps | epochs | dtype | median tok/s | wall min | data prep s | load (1 min) before / after | "
              "best val loss | best val word ppl |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["runs"].items():
+        if "infeasible" in r:
+            lines.append(f"| {name} | {r['infeasible']} |" + " |" * 8)
+            continue
         lines.append(f"| {name} | {r['steps']} | {r['epochs']:.2f} | {r['dtype']} | {study.fmt(r['median_tokens_per_s'], 0)} "
                      f"| {r['train_wall_s'] / 60:.1f} | {r['data_prep_s']:.0f} | {r['load_before'][0]:.2f} / "
                      f"{r['load_after'][0]:.2f} | {r['best_val']['loss']:.4f} | {r['best_val']['word_ppl']:.1f} |")
     if results.get("stages"):
-        lines += ["", "Stages (each keeps the lowest validation loss):", ""]
+        lines += ["", "Stages (each keeps the lowest validation word perplexity):", ""]
         lines += [f"- {s['varies']}: tried {', '.join(s['tried'])}; kept **{s['kept']}**" for s in results["stages"]]
     if results.get("chosen"):
         lines += ["", f"Chosen recipe: `{' '.join(f'--{k}={v}' for k, v in train_flags(results['chosen']).items())}`"]

@@ -233,9 +233,7 @@ def train(run_: Run, checkpoints: Checkpoints, source: pretrained.Pretrained | N
                 jax.block_until_ready(m)  # timed alone
                 if _agree(meter.tick()):  # the measurement is over: fix the step count at this step
                     fix_step = loop.step
-                    _fetch_metrics(run_, loop, bar, keep_last=False)
-                    evaluated, eval_s = meter.time(lambda: _evaluate(run_, loop, p_eval, "validation"))
-                    run_ = dataclasses.replace(run_, num_steps=_fix_steps(run_, loop, meter, eval_s, bar))
+                    run_, evaluated = _fix_steps(run_, loop, meter, p_eval, bar)
                     p_train, meter = _pmapped_step(cfg, train_cfg, run_.num_steps), None  # compiles again
                     bar.close()
                     bar = _progress_bar(run_, loop.step)
@@ -245,13 +243,8 @@ def train(run_: Run, checkpoints: Checkpoints, source: pretrained.Pretrained | N
             if signum:
                 bar.close()
                 checkpoints.finish()
-                if run_.primary and early:
-                    print(f"stopped by {signal.Signals(signum).name} at step {loop.step}, before a time-budgeted run "
-                          f"saves (from the step where its step count is fixed): nothing saved in {run_.run_dir}; "
-                          f"run the same command to start again", file=sys.stderr)
-                elif run_.primary:
-                    print(f"stopped by {signal.Signals(signum).name} at step {loop.step}: checkpoint saved in "
-                          f"{run_.run_dir}; run the same command to resume", file=sys.stderr)
+                if run_.primary:
+                    print(_stopped(run_, loop.step, signum, saved=not early), file=sys.stderr)
                 return 0
             if loop.step % spe == 0 or loop.step == run_.num_steps:
                 bar.close()
@@ -260,11 +253,7 @@ def train(run_: Run, checkpoints: Checkpoints, source: pretrained.Pretrained | N
         if bar is not None:
             bar.close()
         checkpoints.finish()
-        r, good = e.args[0], (checkpoints.steps() or [None])[-1]
-        kept = f"the last good checkpoint, step {good}, is kept" if good is not None else "no checkpoint was saved"
-        raise UserError(f"training diverged at step {r['step']} (loss {r['loss']}, grad norm {r['grad_norm']}, "
-                        f"param norm {r['param_norm']}); stopped, {kept} in {run_.run_dir}; "
-                        f"lower --lr (now {train_cfg.lr:g}) or raise --warmup_steps") from None
+        raise _diverged(run_, checkpoints, e.args[0]) from None
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -338,9 +327,31 @@ def _agree(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
-def _fix_steps(run_: Run, loop: Loop, meter: budget.Meter, eval_s: float, bar) -> int:
-    """The time budget's step count, from the timings of the steps so far; recorded in run.json."""
+def _diverged(run_: Run, checkpoints: Checkpoints, r: dict) -> UserError:
+    good = (checkpoints.steps() or [None])[-1]
+    kept = f"the last good checkpoint, step {good}, is kept" if good is not None else "no checkpoint was saved"
+    return UserError(f"training diverged at step {r['step']} (loss {r['loss']}, grad norm {r['grad_norm']}, "
+                     f"param norm {r['param_norm']}); stopped, {kept} in {run_.run_dir}; "
+                     f"lower --lr (now {run_.train_cfg.lr:g}) or raise --warmup_steps")
+
+
+def _stopped(run_: Run, step: int, signum: int, *, saved: bool) -> str:
+    name = signal.Signals(signum).name
+    if saved:
+        return f"stopped by {name} at step {step}: checkpoint saved in {run_.run_dir}; run the same command to resume"
+    return (f"stopped by {name} at step {step}, before a time-budgeted run saves (from the step where its step count "
+            f"is fixed): nothing saved in {run_.run_dir}; run the same command to start again")
+
+
+def _fix_steps(run_: Run, loop: Loop, meter: budget.Meter, p_eval: Callable, bar) -> tuple[Run, dict]:
+    """Fix the time budget's step count at ``loop.step`` from the timings so far (one validation
+    evaluation, timed, and one host copy of the state among them); record it in run.json.
+
+    -> (the run with that step count, the evaluation's record).
+    """
     fv, train_cfg, corpus = run_.fv, run_.train_cfg, run_.corpus
+    _fetch_metrics(run_, loop, bar, keep_last=False)
+    evaluated, eval_s = meter.time(lambda: _evaluate(run_, loop, p_eval, "validation"))
     state_0 = jax.tree.map(lambda x: x.addressable_shards[0].data, loop.state_N)
     _, save_s = meter.time(lambda: jax.device_get(state_0))  # what a checkpoint holds the loop up for
     timings = meter.timings(evaluation=eval_s, save=save_s,
@@ -364,7 +375,7 @@ def _fix_steps(run_: Run, loop: Loop, meter: budget.Meter, eval_s: float, bar) -
         rundir.write_run_json(run_.run_dir, {**rundir.read_run_json(run_.run_dir), "total_steps": n,
                                              "time_budget": record})
     run_.say(f"time budget {train_cfg.time_budget_minutes:g} min: {n} steps ({measured})")
-    return n
+    return dataclasses.replace(run_, num_steps=n), evaluated
 
 
 def _finish(run_: Run, loop: Loop, p_eval: Callable, checkpoints: Checkpoints) -> None:

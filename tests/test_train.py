@@ -633,3 +633,12 @@ def test_a_recipe_sets_the_flags_not_given_and_is_recorded_in_run_json(tmp_path,
         train.main(["gpt2_jax.train", f"--run_dir={tmp_path / 'r'}", "--recipe=cpu30", "--time_budget_minutes=5"])
     assert seen["train_cfg"].time_budget_minutes == 5.0
     assert seen["record"]["recipe"]["overridden"] == ["time_budget_minutes"]
+
+
+def test_the_cpu30_recipe_is_what_experiments_cpu_recipe_chose():
+    # The study refuses to train its final runs unless RECIPES["cpu30"] is its choice; this keeps the
+    # two together afterwards (a recipe edited by hand must come with the study run again).
+    results = json.loads((REPO / "experiments" / "results" / "cpu_recipe" / "metrics.json").read_text())
+    assert train.RECIPES["cpu30"] == results["recipe_flags"]
+    finals = [r for name, r in results["runs"].items() if name.startswith("final")]
+    assert finals and all(r["flags"]["recipe"] == "cpu30" for r in finals)
