@@ -22,6 +22,8 @@ import time
 
 import study
 
+from gpt2_jax import bench
+
 NAME = "cpu_recipe"
 # The starting point: the tiny preset with the training defaults (what `train --size=tiny` does).
 BASE = {"size": "tiny", "vocab_size": 32000, "batch_size": 32, "lr": 6e-4, "dropout": 0.1, "schedule": "cosine",
@@ -101,7 +103,7 @@ def main() -> None:
     args = p.parse_args()
     out, runs, extra = study.paths_and_extra(args)
     results = study.load_metrics(out) or {"study": NAME, "runs": {}}
-    results.update(hardware=study.hardware(), cpu=_cpu_name(), ablation_minutes=args.ablation_minutes,
+    results.update(hardware=study.hardware(), cpu=bench.cpu_name() or "unknown", ablation_minutes=args.ablation_minutes,
                    final_minutes=args.final_minutes, stages=[])
 
     def save():
@@ -162,16 +164,6 @@ def value_of(flags: dict, field: str):
     if field == "shape":
         return next(k for k, v in SHAPES.items() if all(flags[f] == n for f, n in v.items()))
     return flags[field]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def summary(results: dict) -> str:

@@ -65,7 +65,8 @@ def _best_seconds(f, *args, repeats: int = 5) -> float:
     return best
 
 
-def _cpu_name() -> str | None:
+def cpu_name() -> str | None:
+    """The CPU's model name from /proc/cpuinfo, or None where there is none."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -89,7 +90,7 @@ def roofline(n: int = 2048, stream_mib: int = 512) -> dict:
             "matmul_bf16_gflops": round(flops / _best_seconds(bf16, a.astype(jnp.bfloat16),
                                                                b.astype(jnp.bfloat16)) / 1e9, 1),
             "memory_gbps": round(stream.nbytes / read / 1e9, 1), "matmul_n": n, "stream_mib": stream_mib,
-            "cpu": _cpu_name(), "device": jax.devices()[0].device_kind}
+            "cpu": cpu_name(), "device": jax.devices()[0].device_kind}
 
 
 def _memory() -> dict:

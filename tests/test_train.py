@@ -220,6 +220,20 @@ def _steps(run_dir):
     return ckpt.complete_steps(pathlib.Path(run_dir) / rundir.CHECKPOINT_DIR)
 
 
+def _kill_once_saved(cmd, env, run_dir, step):
+    """Start a training run and SIGKILL it (no handler runs, a save may be cut midway) once checkpoint
+    ``step`` exists."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / rundir.CHECKPOINT_DIR / str(step)).is_dir():
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 RESUME_FLAGS = ("--max_steps=150", "--ckpt_every=10", "--eval_every=50")
 
 
@@ -250,16 +264,7 @@ def test_uninterrupted_run_writes_every_step_evaluations_plot_and_keeps_newest_p
 def test_run_killed_with_sigkill_and_rerun_ends_bitwise_identical_to_the_uninterrupted_run(
         cli_env, finished_run, tmp_path):
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(run_dir, *RESUME_FLAGS), env=_env(cli_env, 1), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (run_dir / rundir.CHECKPOINT_DIR / "30").is_dir():
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.kill()  # SIGKILL: no handler runs, a save may be cut midway
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    _kill_once_saved(_cmd(run_dir, *RESUME_FLAGS), _env(cli_env, 1), run_dir, 30)
     killed_at = max(s for s, _ in _losses(run_dir))
     assert killed_at < 150, "killed too late to test anything"
     _train(cli_env, run_dir, *RESUME_FLAGS)
@@ -535,15 +540,7 @@ def test_a_time_budget_fixes_the_step_count_once_in_the_warmup_and_the_schedule_
 def test_a_budgeted_run_killed_after_its_step_count_is_fixed_resumes_to_the_same_step_bitwise(
         cli_env, budgeted_run, tmp_path):
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(run_dir, *BUDGET_FLAGS), env=_env(dict(cli_env, **FAKE_CLOCK), 1), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (run_dir / rundir.CHECKPOINT_DIR / "30").is_dir():
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
+    _kill_once_saved(_cmd(run_dir, *BUDGET_FLAGS), _env(dict(cli_env, **FAKE_CLOCK), 1), run_dir, 30)
     n = _run_json(budgeted_run)["total_steps"]
     assert max(s for s, _ in _losses(run_dir)) < n, "killed too late to test anything"
     # Resumed on the real clock: it must take the step count from run.json, not time the steps again.
