@@ -186,11 +186,8 @@ def make_train_step(cfg: GPT2Config, optimizer: optax.GradientTransformation, sc
         first_row = 0 if axis_name is None else lax.axis_index(axis_name) * B
         keys_B = example_keys(rng, state.step, first_row, B)
 
-        def row_features(params, tokens_T, key):  # one row, its own dropout key
-            return forward(params, cfg, tokens_T[None], deterministic=False, rng=key, head=False)[0]
-
-        def loss_fn(params):
-            x_BTD = jax.vmap(row_features, in_axes=(None, 0, 0))(params, inputs_BT, keys_B)
+        def loss_fn(params):  # each row draws its dropout masks from its own key
+            x_BTD = forward(params, cfg, inputs_BT, deterministic=False, dropout_keys_B=keys_B, head=False)
             nll_BT = chunked_token_nll(x_BTD, params["wte"]["embedding"], targets_BT)
             # This device's NLL sum over the GLOBAL number of scored tokens: summed over devices it
             # is exactly the global masked mean (and so is its gradient) however the masks differ,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from gpt2_jax.config import GPT2Config
+from gpt2_jax.dots import mixed_dot, vocab_chunked_nll
 
 
 class LayerCache(NamedTuple):
@@ -76,14 +77,15 @@ class Dense(nn.Module):
         bias_O = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         x_BTI = x_BTI.astype(self.dtype)
         if not self.has_variable("params", "int8_scale"):
-            return jnp.dot(x_BTI, kernel_IO.astype(self.dtype)) + bias_O.astype(self.dtype)
+            *lead, I = x_BTI.shape
+            y_NO = mixed_dot(x_BTI.reshape(-1, I), kernel_IO)  # float32 accumulation, fast backward (dots.py)
+            return (y_NO + bias_O).astype(self.dtype).reshape(*lead, self.features)
         y_BTO = jnp.dot(x_BTI, kernel_IO.astype(self.dtype), preferred_element_type=jnp.float32)
         return (y_BTO * self.get_variable("params", "int8_scale")).astype(self.dtype) + bias_O.astype(self.dtype)
 
 
 def attention_implementation(cfg: GPT2Config) -> str | None:
-    """The ``jax.nn.dot_product_attention`` backend; ``None`` (auto) lets JAX take cuDNN's fused
-    kernel where it supports the call (GPU, bf16) and fall back to XLA elsewhere."""
+    """The ``jax.nn.dot_product_attention`` backend; ``None`` (auto): the platform's best (see ``attend``)."""
     return None if cfg.attention == "auto" else cfg.attention
 
 
@@ -94,15 +96,19 @@ def attend(
     mask_BTS: jax.Array | None,
     *,
     dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
+    dropout_keys_B: jax.Array | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention; ``mask_BTS=None`` means causal over aligned T == S.
 
-    Softmax runs in float32 whatever the compute dtype. Dropout on the attention
-    probabilities needs the explicit formulation (the fused kernels have no dropout).
+    Softmax runs in float32 whatever the compute dtype, and both products accumulate in float32.
+    ``jax.nn.dot_product_attention`` (cuDNN's fused kernel where it supports the call) serves the
+    calls without dropout on GPUs, or whenever ``implementation`` names it; elsewhere, and for
+    dropout on the probabilities (row b's mask drawn from ``dropout_keys_B[b]``), the explicit
+    formulation runs, heads-major (on XLA:CPU twice as fast as contracting the ``BTHK`` layout).
     """
-    if dropout_rate == 0.0 or dropout_rng is None:
+    use_dropout = dropout_rate > 0.0 and dropout_keys_B is not None
+    if not use_dropout and (implementation is not None or jax.default_backend() != "cpu"):
         mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
         impl = implementation if mask_BTS is None else "xla"  # cuDNN wants causal / seq-lengths masks
         return jax.nn.dot_product_attention(
@@ -112,13 +118,31 @@ def attend(
     if mask_BTS is None:
         assert T == S, (T, S)
         mask_BTS = jnp.tril(jnp.ones((T, S), bool))[None]
+    q_BHTK, k_BHSK, v_BHSK = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q_BTHK, k_BSHK, v_BSHK))
     scale = 1.0 / math.sqrt(q_BTHK.shape[-1])
-    scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
+    scores_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_BHSK, preferred_element_type=jnp.float32)
     scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * scale, jnp.finfo(jnp.float32).min)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BHTS.shape)
-    probs_BHTS = jnp.where(keep, probs_BHTS / (1.0 - dropout_rate), 0.0).astype(v_BSHK.dtype)
-    return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
+    probs_BHTS = dropout(probs_BHTS, dropout_rate if use_dropout else 0.0, dropout_keys_B).astype(v_BSHK.dtype)
+    y_BHTK = jnp.einsum("bhts,bhsk->bhtk", probs_BHTS, v_BHSK, preferred_element_type=jnp.float32)
+    return jnp.transpose(y_BHTK, (0, 2, 1, 3)).astype(q_BTHK.dtype)
+
+
+def fold_in_rows(keys_B: jax.Array, data: int) -> jax.Array:
+    """``jax.random.fold_in`` of every row's key: one key per row for each dropout site."""
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, data)
+
+
+def dropout(x_B: jax.Array, rate: float, keys_B: jax.Array | None) -> jax.Array:
+    """Inverted dropout whose row b draws its mask from ``keys_B[b]`` alone (``None`` or rate 0: identity).
+
+    Per-row keys make a row's masks independent of how the batch is split over devices, and keep
+    the rest of the model batched: the whole forward pass is not vmapped over rows.
+    """
+    if keys_B is None or rate == 0.0:
+        return x_B
+    keep_B = jax.vmap(lambda key: jax.random.bernoulli(key, 1.0 - rate, x_B.shape[1:]))(keys_B)
+    return jnp.where(keep_B, x_B / (1.0 - rate), 0.0).astype(x_B.dtype)
 
 
 def write_cache(cache: LayerCache, k_BTHK: jax.Array, v_BTHK: jax.Array, positions_BT: jax.Array) -> LayerCache:
@@ -134,7 +158,7 @@ class CausalSelfAttention(nn.Module):
     cfg: GPT2Config
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, cache: LayerCache | None, deterministic: bool):
+    def __call__(self, x_BTD, positions_BT, cache: LayerCache | None, keys_B: jax.Array | None):
         cfg = self.cfg
         B, T, D = x_BTD.shape
         H, K = cfg.n_head, cfg.d_head
@@ -150,12 +174,9 @@ class CausalSelfAttention(nn.Module):
             slots_S = jnp.arange(k_BSHK.shape[1])
             mask_BTS = slots_S[None, None, :] <= positions_BT[:, :, None]
 
-        use_dropout = not deterministic and cfg.attn_dropout > 0.0
         y_BTHK = attend(
             q_BTHK, k_BSHK.astype(q_BTHK.dtype), v_BSHK.astype(q_BTHK.dtype), mask_BTS,
-            dropout_rate=cfg.attn_dropout if use_dropout else 0.0,
-            dropout_rng=self.make_rng("dropout") if use_dropout else None,
-            implementation=attention_implementation(cfg),
+            dropout_rate=cfg.attn_dropout, dropout_keys_B=keys_B, implementation=attention_implementation(cfg),
         )
         y_BTD = Dense(D, kernel_init=_residual_init(cfg), name="c_proj", **dense)(y_BTHK.reshape(B, T, D))
         return y_BTD, cache
@@ -183,12 +204,13 @@ class Block(nn.Module):
     cfg: GPT2Config
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, cache: LayerCache | None, deterministic: bool):
-        drop = nn.Dropout(self.cfg.dropout, deterministic=deterministic)
+    def __call__(self, x_BTD, positions_BT, cache: LayerCache | None, keys_B: jax.Array | None):
+        """``keys_B``: this layer's dropout keys, one per row (``None``: no dropout)."""
+        site = (lambda i: None) if keys_B is None else (lambda i: fold_in_rows(keys_B, i))
         a_BTD, cache = CausalSelfAttention(self.cfg, name="attn")(
-            _layer_norm(self.cfg, "ln_1")(x_BTD), positions_BT, cache, deterministic)
-        x_BTD = x_BTD + drop(a_BTD)
-        x_BTD = x_BTD + drop(MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x_BTD)))
+            _layer_norm(self.cfg, "ln_1")(x_BTD), positions_BT, cache, site(0))
+        x_BTD = x_BTD + dropout(a_BTD, self.cfg.dropout, site(1))
+        x_BTD = x_BTD + dropout(MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x_BTD)), self.cfg.dropout, site(2))
         return x_BTD, cache
 
 
@@ -197,7 +219,8 @@ class GPT2(nn.Module):
 
     ``apply({"params": p}, tokens_BT)`` returns float32 ``logits_BTV``. With ``cache=`` it
     returns ``(logits_BTV, new_cache)``; ``positions_BT`` then gives each token's absolute
-    position (default ``0..T-1`` for every row).
+    position (default ``0..T-1`` for every row). ``dropout_keys_B`` (one key per row) turns
+    dropout on; each site's masks come from ``fold_in`` of those keys, never from Flax's rng streams.
     """
 
     cfg: GPT2Config
@@ -206,7 +229,7 @@ class GPT2(nn.Module):
     def __call__(
         self,
         tokens_BT: jax.Array,
-        deterministic: bool = True,
+        dropout_keys_B: jax.Array | None = None,
         *,
         positions_BT: jax.Array | None = None,
         cache: KVCache | None = None,
@@ -227,20 +250,23 @@ class GPT2(nn.Module):
         tok_BTD = wte(tokens_BT)
         if wte_scale_V is not None:
             tok_BTD = tok_BTD * wte_scale_V[tokens_BT][..., None].astype(tok_BTD.dtype)
-        x_BTD = tok_BTD + wpe(positions_BT)
-        x_BTD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD)
+        if dropout_keys_B is not None:
+            chex.assert_shape(dropout_keys_B, (B, *dropout_keys_B.shape[1:]))
+        site = (lambda i: None) if dropout_keys_B is None else (lambda i: fold_in_rows(dropout_keys_B, i))
+        x_BTD = dropout(tok_BTD + wpe(positions_BT), cfg.dropout, site(0))
 
-        block_cls = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
+        block_cls = nn.remat(Block) if cfg.remat else Block
         new_cache = []
         for i in range(cfg.n_layer):
             layer_cache = None if cache is None else cache[i]
-            x_BTD, layer_cache = block_cls(cfg, name=f"h_{i}")(x_BTD, positions_BT, layer_cache, deterministic)
+            x_BTD, layer_cache = block_cls(cfg, name=f"h_{i}")(x_BTD, positions_BT, layer_cache, site(i + 1))
             new_cache.append(layer_cache)
 
         x_BTD = _layer_norm(cfg, "ln_f")(x_BTD)
         if not head:  # the features the tied head reads: for a loss that never holds all the logits
             return x_BTD if cache is None else (x_BTD, tuple(new_cache))
-        logits_BTV = wte.attend(x_BTD).astype(jnp.float32)  # LM head tied to the token embedding
+        w_VD = wte.embedding.astype(x_BTD.dtype)  # LM head tied to the token embedding, float32 accumulation
+        logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, w_VD, preferred_element_type=jnp.float32)
         if wte_scale_V is not None:
             logits_BTV = logits_BTV * wte_scale_V
         chex.assert_shape(logits_BTV, (B, T, cfg.vocab_size))
@@ -278,13 +304,20 @@ def quantize_int8(params: dict) -> dict:
 
 
 def forward(params, cfg: GPT2Config, tokens_BT, *, deterministic: bool = True, rng: jax.Array | None = None,
-            head: bool = True):
+            dropout_keys_B: jax.Array | None = None, head: bool = True):
     """``logits_BTV = forward(params, cfg, tokens_BT)``: the model as a plain function.
 
-    ``head=False`` returns the final LayerNorm's output ``x_BTD`` instead (see ``chunked_token_nll``).
+    ``deterministic=False`` turns dropout on, row b drawing its masks from ``dropout_keys_B[b]``
+    (default: ``fold_in(rng, b)``). ``head=False`` returns the final LayerNorm's output ``x_BTD``
+    instead (see ``chunked_token_nll``).
     """
-    rngs = None if rng is None else {"dropout": rng}
-    return GPT2(cfg).apply({"params": params}, tokens_BT, deterministic, rngs=rngs, head=head)
+    if deterministic:
+        dropout_keys_B = None
+    elif dropout_keys_B is None:
+        if rng is None:
+            raise ValueError("forward(deterministic=False) needs rng= or dropout_keys_B= for its dropout masks")
+        dropout_keys_B = jax.vmap(lambda row: jax.random.fold_in(rng, row))(jnp.arange(tokens_BT.shape[0]))
+    return GPT2(cfg).apply({"params": params}, tokens_BT, dropout_keys_B, head=head)
 
 
 def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
@@ -293,31 +326,17 @@ def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 
 
 def chunked_token_nll(x_BTD: jax.Array, wte_VD: jax.Array, targets_BT: jax.Array, *,
-                      chunk_rows: int = 256, scale_V: jax.Array | None = None) -> jax.Array:
-    """``token_nll`` of the tied head's logits ``x_BTD @ wte_VDᵀ``, ``chunk_rows`` tokens at a time.
+                      vocab_chunk: int = 2048, scale_V: jax.Array | None = None) -> jax.Array:
+    """``token_nll`` of the tied head's logits ``x_BTD @ wte_VDᵀ``, never holding the B·T x V logits.
 
-    The B·T x V float32 logits are never held at once: each chunk's are recomputed in the backward
-    pass (``jax.checkpoint``). bf16 features give a bf16 dot with float32 accumulation. ``scale_V``:
-    the per-token scales of an int8 ``wte_VD`` (``quantize_int8``).
+    ``dots.vocab_chunked_nll`` walks the vocabulary ``vocab_chunk`` words at a time, forward and
+    backward, accumulating in float32 whatever ``x_BTD``'s dtype. ``scale_V``: the per-token scales
+    of an int8 ``wte_VD`` (``quantize_int8``).
     """
     B, T, D = x_BTD.shape
-    N = B * T
-    chunk_rows = min(chunk_rows, N)  # a batch smaller than one chunk is one chunk, unpadded
-    chunks = -(-N // chunk_rows)
-    pad = chunks * chunk_rows - N
-    x_CcD = jnp.pad(x_BTD.reshape(N, D), ((0, pad), (0, 0))).reshape(chunks, chunk_rows, D)
-    t_Cc = jnp.pad(targets_BT.reshape(N), (0, pad)).reshape(chunks, chunk_rows)
-    w_VD = wte_VD.astype(x_BTD.dtype)
-
-    @jax.checkpoint
-    def chunk_nll(x_cD, t_c):
-        logits_cV = jnp.einsum("cd,vd->cv", x_cD, w_VD, preferred_element_type=jnp.float32)
-        if scale_V is not None:
-            logits_cV = logits_cV * scale_V
-        return optax.softmax_cross_entropy_with_integer_labels(logits_cV, t_c)
-
-    nll_Cc = jax.lax.map(lambda a: chunk_nll(*a), (x_CcD, t_Cc))
-    return nll_Cc.reshape(-1)[:N].reshape(B, T)
+    nll_N = vocab_chunked_nll(x_BTD.reshape(B * T, D), wte_VD, targets_BT.reshape(B * T),
+                              vocab_chunk=vocab_chunk, scale_V=scale_V)
+    return nll_N.reshape(B, T)
 
 
 def cross_entropy_loss(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array | None = None) -> jax.Array:

@@ -66,10 +66,31 @@ def test_deterministic_vs_dropout(micro_cfg):
 
 
 @pytest.mark.slow
+def test_a_rows_dropout_masks_follow_its_own_key_alone(micro_cfg):
+    # What lets the train step stay batched (no vmap over rows) and still give each global row the
+    # same masks however the batch is split: row b of a batch equals that row run alone with its key.
+    params = init_params(micro_cfg, jax.random.PRNGKey(0))
+    tokens = _tokens(micro_cfg, 3, 10)
+    keys_B = jax.random.split(jax.random.PRNGKey(4), 3)
+    batch = forward(params, micro_cfg, tokens, deterministic=False, dropout_keys_B=keys_B)
+    for b in range(3):
+        alone = forward(params, micro_cfg, tokens[b:b + 1], deterministic=False, dropout_keys_B=keys_B[b:b + 1])
+        np.testing.assert_allclose(alone[0], batch[b], atol=1e-5)
+    other = forward(params, micro_cfg, tokens[1:2], deterministic=False, dropout_keys_B=keys_B[2:3])
+    assert float(jnp.abs(other[0] - batch[1]).max()) > 1e-3  # another key, other masks
+    # rng= is the same as keys fold_in(rng, row).
+    rows = jax.vmap(lambda r: jax.random.fold_in(jax.random.PRNGKey(4), r))(jnp.arange(3))
+    np.testing.assert_array_equal(forward(params, micro_cfg, tokens, deterministic=False, rng=jax.random.PRNGKey(4)),
+                                  forward(params, micro_cfg, tokens, deterministic=False, dropout_keys_B=rows))
+    with pytest.raises(ValueError, match="needs rng= or dropout_keys_B="):
+        forward(params, micro_cfg, tokens, deterministic=False)
+
+
+@pytest.mark.slow
 def test_attention_dropout_path_matches_fused_without_dropout():
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 6, 3, 8)) for i in range(3))
     fused = attend(q, k, v, None)
-    explicit = attend(q, k, v, None, dropout_rate=1e-9, dropout_rng=jax.random.PRNGKey(0))
+    explicit = attend(q, k, v, None, dropout_rate=1e-9, dropout_keys_B=jax.random.split(jax.random.PRNGKey(0), 2))
     np.testing.assert_allclose(explicit, fused, atol=1e-5)
     # Manual reference: softmax(QKᵀ/√K + causal) V.
     s = jnp.einsum("bthk,bshk->bhts", q, k) / math.sqrt(8)
@@ -174,8 +195,8 @@ def test_remat_gives_same_loss_and_grads(micro_cfg):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype, rtol", [("float32", 1e-6), ("bfloat16", 0.03)])
-@pytest.mark.parametrize("chunk_rows", [5, 16, 64])  # 3 x 7 = 21 tokens: padded chunks, one chunk
-def test_chunked_head_loss_and_gradients_equal_the_full_logits(micro_cfg, dtype, rtol, chunk_rows):
+@pytest.mark.parametrize("vocab_chunk", [5, 16, 1000])  # micro vocab: padded chunks, one chunk
+def test_chunked_head_loss_and_gradients_equal_the_full_logits(micro_cfg, dtype, rtol, vocab_chunk):
     cfg = micro_cfg.replace(dtype=dtype)
     params = init_params(cfg, jax.random.PRNGKey(0))
     tokens_BT, targets_BT = _tokens(cfg, 3, 7), _tokens(cfg, 3, 7, seed=2)
@@ -186,7 +207,7 @@ def test_chunked_head_loss_and_gradients_equal_the_full_logits(micro_cfg, dtype,
 
     def chunked(p):
         x_BTD = forward(p, cfg, tokens_BT, head=False)
-        return (chunked_token_nll(x_BTD, p["wte"]["embedding"], targets_BT, chunk_rows=chunk_rows) * weights_BT).sum()
+        return (chunked_token_nll(x_BTD, p["wte"]["embedding"], targets_BT, vocab_chunk=vocab_chunk) * weights_BT).sum()
 
     (a, ga), (b, gb) = jax.value_and_grad(plain)(params), jax.value_and_grad(chunked)(params)
     np.testing.assert_allclose(b, a, rtol=rtol)
