@@ -1,6 +1,6 @@
 """The model's two big products with float32 accumulation, forward and backward in the fast forms.
 
-    mixed_dot(x_NI, w_IO)               every Dense layer:  x @ w
+    mixed_matmul(a_GMK, b_GKN)          every Dense layer and both attention products:  a @ b
     vocab_chunked_nll(x_ND, w_VD, t_N)  the tied 32k head and its loss:  -log softmax(x @ wᵀ)[t]
 
 Both take inputs in the compute dtype (bf16 or float32) and accumulate in float32; their gradients are
@@ -30,34 +30,47 @@ from jax import lax
 F32 = jnp.float32
 
 
-def _dot(a, b, contract_a: tuple[int, ...], contract_b: tuple[int, ...]) -> jax.Array:
-    return lax.dot_general(a, b, ((contract_a, contract_b), ((), ())), preferred_element_type=F32)
+def _contract_rows(a_GMK: jax.Array, b_GMN: jax.Array) -> jax.Array:
+    """``a_GMKᵀ @ b_GMN`` in float32 over the leading batch axes ``G``, contracting the rows M.
+
+    A unit axis in front of M makes it two contracted axes: the same product, but the form YNNPACK,
+    XLA:CPU's dot library, takes (see the module doc; 3-5x faster at the weight gradients' and
+    attention's shapes).
+    """
+    n = a_GMK.ndim
+    batch = tuple(range(n - 2))
+    return lax.dot_general(jnp.expand_dims(a_GMK, n - 2), jnp.expand_dims(b_GMN, n - 2),
+                           (((n - 2, n - 1), (n - 2, n - 1)), (batch, batch)), preferred_element_type=F32)
 
 
-def _weight_grad(a_NI: jax.Array, b_NO: jax.Array) -> jax.Array:
-    """``a_NIᵀ @ b_NO`` in float32, contracting a unit axis and N (YNNPACK's form, see the module doc)."""
-    return _dot(a_NI[None], b_NO[None], (0, 1), (0, 1))
+def _product(a, b, contract_a: int, contract_b: int) -> jax.Array:
+    """Float32 product of ``a`` and ``b`` over their leading batch axes, contracting one axis of each."""
+    batch = tuple(range(a.ndim - 2))
+    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), (batch, batch)), preferred_element_type=F32)
 
 
 @jax.custom_vjp
-def mixed_dot(x_NI: jax.Array, w_IO: jax.Array) -> jax.Array:
-    """``x_NI @ w_IO`` in float32, ``w_IO`` used in ``x_NI``'s dtype; each gradient comes back in its input's
-    dtype (a float32 master weight gets its float32 gradient, never a rounded bf16 one)."""
-    return _dot(x_NI, w_IO.astype(x_NI.dtype), (1,), (0,))
+def mixed_matmul(a_GMK: jax.Array, b_GKN: jax.Array) -> jax.Array:
+    """``a_GMK @ b_GKN`` in float32 over any leading batch axes ``G`` (none for a Dense layer), ``b``
+    used in ``a``'s dtype; each gradient comes back in its input's dtype (a float32 master weight gets
+    its float32 gradient, never a rounded bf16 one)."""
+    return _product(a_GMK, b_GKN.astype(a_GMK.dtype), a_GMK.ndim - 1, b_GKN.ndim - 2)
 
 
-def _mixed_dot_fwd(x_NI, w_IO):
-    return mixed_dot(x_NI, w_IO), (x_NI, w_IO)
+def _mixed_matmul_fwd(a_GMK, b_GKN):
+    return mixed_matmul(a_GMK, b_GKN), (a_GMK, b_GKN)
 
 
-def _mixed_dot_bwd(res, g_NO):
-    x_NI, w_IO = res
-    g_NO = g_NO.astype(x_NI.dtype)
-    dx_NI = _dot(g_NO, w_IO.astype(x_NI.dtype), (1,), (1,))
-    return dx_NI.astype(x_NI.dtype), _weight_grad(x_NI, g_NO).astype(w_IO.dtype)
+def _mixed_matmul_bwd(res, g_GMN):
+    a_GMK, b_GKN = res
+    g_GMN = g_GMN.astype(a_GMK.dtype)
+    n = a_GMK.ndim
+    da_GMK = _product(g_GMN, b_GKN.astype(a_GMK.dtype), n - 1, n - 1)
+    db_GKN = _contract_rows(a_GMK, g_GMN)
+    return da_GMK.astype(a_GMK.dtype), db_GKN.astype(b_GKN.dtype)
 
 
-mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
+mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
 def _vocab_chunks(w_VD: jax.Array, scale_V: jax.Array, vocab_chunk: int):
@@ -71,7 +84,7 @@ def _vocab_chunks(w_VD: jax.Array, scale_V: jax.Array, vocab_chunk: int):
 
 
 def _chunk_logits(x_ND, w_vD, scale_v, ids_v, V):
-    logits_Nv = _dot(x_ND, w_vD, (1,), (1,)) * scale_v
+    logits_Nv = _product(x_ND, w_vD, 1, 1) * scale_v
     return jnp.where(ids_v < V, logits_Nv, -jnp.inf)  # the padding rows are no tokens
 
 
@@ -95,7 +108,7 @@ def _nll_fwd(x_ND, w_VD, scale_V, t_N, vocab_chunk):
     (max_N, sum_N), _ = lax.scan(online_logsumexp, init, (w_CvD, scale_Cv, ids_Cv))
     lse_N = max_N + jnp.log(sum_N)
     w_ND = w_VD[t_N].astype(x_ND.dtype).astype(F32)  # the target rows as the chunks see them
-    target_logit_N = jnp.einsum("nd,nd->n", x_ND.astype(F32), w_ND) * scale_V[t_N]
+    target_logit_N = (x_ND.astype(F32) * w_ND).sum(axis=-1) * scale_V[t_N]
     return lse_N - target_logit_N, (x_ND, w_VD, scale_V, t_N, lse_N)
 
 
@@ -109,8 +122,8 @@ def _nll_bwd(vocab_chunk, res, g_N):
         probs_Nv = jnp.exp(_chunk_logits(x_ND, w_vD, scale_v, ids_v, V) - lse_N[:, None])
         # d nll / d logits = softmax - onehot(target), times the cotangent; then through the scale.
         dlogits_Nv = ((probs_Nv - (ids_v[None, :] == t_N[:, None])) * g_N[:, None] * scale_v).astype(x_ND.dtype)
-        dx_ND = dx_ND + _dot(dlogits_Nv, w_vD, (1,), (0,))
-        return dx_ND, _weight_grad(dlogits_Nv, x_ND)
+        dx_ND = dx_ND + _product(dlogits_Nv, w_vD, 1, 0)
+        return dx_ND, _contract_rows(dlogits_Nv, x_ND)
 
     dx_ND, dw_CvD = lax.scan(chunk_grads, jnp.zeros(x_ND.shape, F32), (w_CvD, scale_Cv, ids_Cv))
     dw_VD = dw_CvD.reshape(-1, w_VD.shape[1])[:V]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.dots import mixed_dot, vocab_chunked_nll
+from gpt2_jax.dots import mixed_matmul, vocab_chunked_nll
 
 
 class LayerCache(NamedTuple):
@@ -78,7 +78,7 @@ class Dense(nn.Module):
         x_BTI = x_BTI.astype(self.dtype)
         if not self.has_variable("params", "int8_scale"):
             *lead, I = x_BTI.shape
-            y_NO = mixed_dot(x_BTI.reshape(-1, I), kernel_IO)  # float32 accumulation, fast backward (dots.py)
+            y_NO = mixed_matmul(x_BTI.reshape(-1, I), kernel_IO)  # float32 accumulation, fast backward (dots.py)
             return (y_NO + bias_O).astype(self.dtype).reshape(*lead, self.features)
         y_BTO = jnp.dot(x_BTI, kernel_IO.astype(self.dtype), preferred_element_type=jnp.float32)
         return (y_BTO * self.get_variable("params", "int8_scale")).astype(self.dtype) + bias_O.astype(self.dtype)
@@ -120,11 +120,11 @@ def attend(
         mask_BTS = jnp.tril(jnp.ones((T, S), bool))[None]
     q_BHTK, k_BHSK, v_BHSK = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q_BTHK, k_BSHK, v_BSHK))
     scale = 1.0 / math.sqrt(q_BTHK.shape[-1])
-    scores_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_BHSK, preferred_element_type=jnp.float32)
+    scores_BHTS = mixed_matmul(q_BHTK, jnp.swapaxes(k_BHSK, 2, 3))
     scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * scale, jnp.finfo(jnp.float32).min)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
     probs_BHTS = dropout(probs_BHTS, dropout_rate if use_dropout else 0.0, dropout_keys_B).astype(v_BSHK.dtype)
-    y_BHTK = jnp.einsum("bhts,bhsk->bhtk", probs_BHTS, v_BHSK, preferred_element_type=jnp.float32)
+    y_BHTK = mixed_matmul(probs_BHTS, v_BHSK)
     return jnp.transpose(y_BHTK, (0, 2, 1, 3)).astype(q_BTHK.dtype)
 
 

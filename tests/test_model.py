@@ -234,3 +234,54 @@ def test_chunked_head_never_holds_the_full_logits_of_the_batch():
     logits_bytes = 16 * 128 * cfg.vocab_size * 4
     # Measured on this CPU: 785 MB against 328 MB (the rest is the blocks' activations).
     assert full - chunked > 1.5 * logits_bytes and chunked < full / 2, (full, chunked, logits_bytes)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 0.02)])
+def test_mixed_matmul_value_and_gradients_are_the_plain_products(dtype, rtol):
+    from gpt2_jax.dots import mixed_matmul
+
+    x_NI = jax.random.normal(jax.random.PRNGKey(0), (12, 24), dtype)
+    w_IO = jax.random.normal(jax.random.PRNGKey(1), (24, 40))  # a float32 master weight
+    g_NO = jax.random.normal(jax.random.PRNGKey(2), (12, 40))
+    y, vjp = jax.vjp(mixed_matmul, x_NI, w_IO)
+    dx, dw = vjp(g_NO)
+    x32, w32 = x_NI.astype(jnp.float32), w_IO.astype(dtype).astype(jnp.float32)  # the values it multiplies
+    assert y.dtype == jnp.float32 and dx.dtype == dtype and dw.dtype == jnp.float32
+    np.testing.assert_allclose(y, x32 @ w32, rtol=1e-5, atol=1e-5)
+    scale = lambda a: float(jnp.abs(a).max())
+    np.testing.assert_allclose(dx.astype(jnp.float32), g_NO @ w32.T, atol=rtol * scale(g_NO @ w32.T))
+    np.testing.assert_allclose(dw, x32.T @ g_NO, atol=rtol * scale(x32.T @ g_NO))
+
+
+def test_every_product_of_the_bf16_train_step_takes_narrow_inputs_and_accumulates_in_float32(micro_cfg):
+    # What makes bf16 training fast on XLA:CPU (dots.py): no dot mixes a float32 operand with a bf16 one
+    # (XLA would widen both) and none rounds its output to bf16, forward or backward, head included.
+    from gpt2_jax import core
+
+    cfg = micro_cfg.replace(dtype="bfloat16")
+    train_cfg = core.TrainConfig(batch_size=2, warmup_steps=1)
+    opt = core.make_optimizer(train_cfg, 10)
+    step = core.make_train_step(cfg, opt, core.make_schedule(train_cfg, 10), axis_name=None)
+    state = core.init_train_state(cfg, opt, jax.random.PRNGKey(0))
+    tokens = _tokens(cfg, 2, cfg.n_ctx)
+    batch = {"inputs": tokens, "targets": tokens, "mask": jnp.ones(tokens.shape)}
+    jaxpr = jax.make_jaxpr(step)(state, batch, jax.random.PRNGKey(1))
+
+    def dots(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else ():
+                yield from dots(sub)
+            for p in eqn.params.values():
+                for j in p if isinstance(p, (tuple, list)) else (p,):
+                    if isinstance(j, jax.extend.core.ClosedJaxpr):
+                        yield from dots(j.jaxpr)
+                    elif isinstance(j, jax.extend.core.Jaxpr):
+                        yield from dots(j)
+
+    found = [(tuple(str(v.aval.dtype) for v in e.invars), str(e.outvars[0].aval.dtype)) for e in dots(jaxpr.jaxpr)]
+    # forward + backward of 4 Dense layers a block, 2 attention products a block, the head's 4 per chunk
+    assert len(found) >= 2 * (3 * 4 + 3 * 2) + 4, found
+    bad = [f for f in found if f != (("bfloat16", "bfloat16"), "float32")]
+    assert not bad, bad

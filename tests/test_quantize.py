@@ -24,7 +24,7 @@ def test_our_dense_is_flax_dense_bitwise_in_float32_and_rounds_once_in_bf16(dtyp
     if dtype == jnp.float32:
         np.testing.assert_array_equal(ours.apply(params, x), flax_dense.apply(params, x))
         return
-    # bf16: the product of the bf16 inputs and the bias are summed in float32 and rounded once (dots.mixed_dot),
+    # bf16: the product of the bf16 inputs and the bias are summed in float32 and rounded once (dots.mixed_matmul),
     # where flax's Dense also rounds the product before adding a bf16 bias.
     p = params["params"]
     exact = x.astype(dtype).astype(jnp.float32) @ p["kernel"].astype(dtype).astype(jnp.float32) + p["bias"]

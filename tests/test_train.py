@@ -639,3 +639,23 @@ def test_the_cpu30_recipe_is_what_experiments_cpu_recipe_chose():
     assert train.RECIPES["cpu30"] == results["recipe_flags"]
     finals = [r for name, r in results["runs"].items() if name.startswith("final")]
     assert finals and all(r["flags"]["recipe"] == "cpu30" for r in finals)
+
+
+@pytest.mark.slow
+def test_bfloat16_training_tracks_float32_on_wikitext2(cli_env, tmp_path):
+    # 300 steps of a 2-layer model on WikiText-2 (BPE 512, context 64, no dropout: the dtype is the only
+    # difference). Measured on the 2-core Intel Xeon with AMX: validation loss 3.9815 (float32) against
+    # 3.9821 (bfloat16); the stated tolerance is 0.01 nats, 15x that gap.
+    flags = ["--vocab_size=512", "--n_ctx=64", "--n_layer=2", "--d_model=64", "--n_head=4", "--d_ff=256",
+             "--batch_size=16", "--eval_batch_size=1024", "--warmup_steps=20", "--lr=3e-3", "--dropout=0",
+             "--max_steps=300", "--eval_every=100", "--quiet"]
+    val = {}
+    for dtype in ("float32", "bfloat16"):
+        run_dir = tmp_path / dtype
+        subprocess.run([sys.executable, "-m", "gpt2_jax.train", f"--run_dir={run_dir}", *flags, f"--dtype={dtype}"],
+                       env=_env(cli_env, 1), cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
+        assert rundir.read_run_json(run_dir)["model"]["dtype"] == dtype
+        val[dtype] = [r["loss"] for r in read_jsonl(run_dir / rundir.EVALS_FILE) if r["split"] == "validation"]
+    assert val["float32"][-1] < math.log(512) - 2.0  # both really learn (6.24 at the start)
+    assert abs(val["bfloat16"][-1] - val["float32"][-1]) < 0.01, val
+    assert val["bfloat16"] != val["float32"]  # and bf16 really ran in lower precision
