@@ -137,8 +137,9 @@ def vocab_chunked_nll(x_ND: jax.Array, w_VD: jax.Array, t_N: jax.Array, *, vocab
                       scale_V: jax.Array | None = None) -> jax.Array:
     """Per-token ``nll_N`` (float32) of the logits ``(x_ND @ w_VDᵀ) * scale_V``, ``vocab_chunk`` words at a time.
 
-    ``w_VD`` is used in ``x_ND``'s dtype (its gradient comes back in its own); ``scale_V`` (the per-token scales of an int8 ``w_VD``,
-    ``model.quantize_int8``) gets no gradient. The largest temporary is N x ``vocab_chunk`` float32.
+    ``w_VD`` is used in ``x_ND``'s dtype (its gradient comes back in its own); ``scale_V`` (the per-token
+    scales of an int8 ``w_VD``, ``model.quantize_int8``) gets no gradient. The largest temporary is
+    N x ``vocab_chunk`` float32.
     """
     V = w_VD.shape[0]
     scale_V = jnp.ones((V,), F32) if scale_V is None else scale_V.astype(F32)

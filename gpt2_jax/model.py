@@ -128,9 +128,9 @@ def attend(
     return jnp.transpose(y_BHTK, (0, 2, 1, 3)).astype(q_BTHK.dtype)
 
 
-def fold_in_rows(keys_B: jax.Array, data: int) -> jax.Array:
-    """``jax.random.fold_in`` of every row's key: one key per row for each dropout site."""
-    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, data)
+def fold_in_rows(keys_B: jax.Array | None, site: int) -> jax.Array | None:
+    """``jax.random.fold_in`` of every row's key: one key per row for each dropout site (``None``: none)."""
+    return None if keys_B is None else jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, site)
 
 
 def dropout(x_B: jax.Array, rate: float, keys_B: jax.Array | None) -> jax.Array:
@@ -206,11 +206,11 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, positions_BT, cache: LayerCache | None, keys_B: jax.Array | None):
         """``keys_B``: this layer's dropout keys, one per row (``None``: no dropout)."""
-        site = (lambda i: None) if keys_B is None else (lambda i: fold_in_rows(keys_B, i))
         a_BTD, cache = CausalSelfAttention(self.cfg, name="attn")(
-            _layer_norm(self.cfg, "ln_1")(x_BTD), positions_BT, cache, site(0))
-        x_BTD = x_BTD + dropout(a_BTD, self.cfg.dropout, site(1))
-        x_BTD = x_BTD + dropout(MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x_BTD)), self.cfg.dropout, site(2))
+            _layer_norm(self.cfg, "ln_1")(x_BTD), positions_BT, cache, fold_in_rows(keys_B, 0))
+        x_BTD = x_BTD + dropout(a_BTD, self.cfg.dropout, fold_in_rows(keys_B, 1))
+        m_BTD = MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x_BTD))
+        x_BTD = x_BTD + dropout(m_BTD, self.cfg.dropout, fold_in_rows(keys_B, 2))
         return x_BTD, cache
 
 
@@ -251,15 +251,15 @@ class GPT2(nn.Module):
         if wte_scale_V is not None:
             tok_BTD = tok_BTD * wte_scale_V[tokens_BT][..., None].astype(tok_BTD.dtype)
         if dropout_keys_B is not None:
-            chex.assert_shape(dropout_keys_B, (B, *dropout_keys_B.shape[1:]))
-        site = (lambda i: None) if dropout_keys_B is None else (lambda i: fold_in_rows(dropout_keys_B, i))
-        x_BTD = dropout(tok_BTD + wpe(positions_BT), cfg.dropout, site(0))
+            chex.assert_axis_dimension(dropout_keys_B, 0, B)
+        x_BTD = dropout(tok_BTD + wpe(positions_BT), cfg.dropout, fold_in_rows(dropout_keys_B, 0))
 
         block_cls = nn.remat(Block) if cfg.remat else Block
         new_cache = []
         for i in range(cfg.n_layer):
             layer_cache = None if cache is None else cache[i]
-            x_BTD, layer_cache = block_cls(cfg, name=f"h_{i}")(x_BTD, positions_BT, layer_cache, site(i + 1))
+            layer_keys_B = fold_in_rows(dropout_keys_B, i + 1)
+            x_BTD, layer_cache = block_cls(cfg, name=f"h_{i}")(x_BTD, positions_BT, layer_cache, layer_keys_B)
             new_cache.append(layer_cache)
 
         x_BTD = _layer_norm(cfg, "ln_f")(x_BTD)
@@ -353,6 +353,7 @@ def count_params(params) -> int:
 
 
 __all__: Sequence[str] = (
-    "GPT2", "Block", "Dense", "CausalSelfAttention", "MLP", "LayerCache", "KVCache", "attend", "write_cache",
-    "init_cache", "init_params", "quantize_int8", "forward", "token_nll", "chunked_token_nll", "cross_entropy_loss", "count_params",
+    "GPT2", "Block", "Dense", "CausalSelfAttention", "MLP", "LayerCache", "KVCache", "attend", "dropout",
+    "fold_in_rows", "write_cache", "init_cache", "init_params", "quantize_int8", "forward", "token_nll",
+    "chunked_token_nll", "cross_entropy_loss", "count_params",
 )
