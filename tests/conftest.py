@@ -2,11 +2,15 @@
 
 import os
 import pathlib
+import signal
+import subprocess
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
 
+from gpt2_jax import rundir
 from gpt2_jax.config import GPT2Config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -55,3 +59,17 @@ def _plain_exit_in_process(monkeypatch):
     from gpt2_jax import cli
 
     monkeypatch.setattr(cli, "_exit", lambda code, grace_s=5.0: sys.exit(code))
+
+
+def kill_once_saved(cmd, env, run_dir, step):
+    """Start a training run and SIGKILL it (no handler runs, a save may be cut midway) once checkpoint
+    ``step`` exists."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / rundir.CHECKPOINT_DIR / str(step)).is_dir():
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL

@@ -6,10 +6,8 @@ folder) with the 512-token BPE the other CLI tests use, so WikiText-2 is encoded
 
 import json
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import chex
 import jax
@@ -23,6 +21,8 @@ from gpt2_jax import checkpoint as ckpt
 from gpt2_jax import data
 from gpt2_jax.metrics import read_jsonl
 from gpt2_jax.tokenizer import load_tokenizer
+
+from conftest import kill_once_saved
 
 pytestmark = pytest.mark.slow  # every test trains or runs the CLI in subprocesses
 
@@ -103,16 +103,7 @@ def test_a_run_directory_works_as_path_too_and_starts_from_its_checkpoint(cli_en
 def test_finetuning_killed_with_sigkill_and_rerun_ends_bitwise_identical(cli_env, hf_dir, finetuned, tmp_path):
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "gpt2_jax.train", f"--run_dir={run_dir}", f"--init_from={hf_dir}", *FLAGS]
-    proc = subprocess.Popen(cmd, env=cli_env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 240
-    while not (run_dir / rundir.CHECKPOINT_DIR / "10").is_dir():
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_once_saved(cmd, cli_env, run_dir, 10)
     assert ckpt.complete_steps(run_dir / rundir.CHECKPOINT_DIR)[-1] < 20, "killed too late to test anything"
     _train(cli_env, run_dir, f"--init_from={hf_dir}", *FLAGS)  # resumes its own checkpoint, not PATH's weights
     strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]  # noqa: E731
