@@ -1,11 +1,15 @@
-"""Why batch-1 decoding on CPU stays in float32: one decoding step's matrix-vector products, timed alone.
+"""Decoding's matrix products timed alone, the way a decoding step meets them: weights not in cache.
 
     python experiments/matvec_cpu.py     # writes experiments/results/bench/matvec_cpu.json
 
-For each weight shape of tiny and small (and the tied 32k head) at batch 1 and 8: float32 ``x @ w``,
-bf16 weights (f32 accumulation), and int8 weights dequantized in the dot (as ``model.Dense`` does), with
-the bytes each reads and the GB/s that implies, beside this machine's measured streaming bandwidth.
-Best of 5 runs of 100 calls each; the 1-minute load average is recorded.
+For each weight shape of tiny and small (and the tied 32k head) at 1, 2 and 8 rows: float32 and bf16
+weights stored ``(in, out)`` (``x @ w``, the training layout) and ``(out, in)`` (``dots.matmul_t``,
+what ``decode.inference_params`` stores), int8 weight-only as ``model.Dense`` runs it (the int8 kernel
+widened inside the product), and, for reference, int8 x int8 with int32 accumulation and the rows
+quantized on the fly (what an activation-quantized int8 mode would run). Each form runs over enough
+distinct copies of the weight (256 MB in all, at most 64 copies) that a product rarely finds its weight in cache; the
+bytes read per product and the GB/s they imply stand beside this machine's measured streaming
+bandwidth. Best of 3 runs; the 1-minute load average is recorded.
 """
 
 from __future__ import annotations
@@ -17,57 +21,67 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from gpt2_jax.bench import roofline
+from gpt2_jax.dots import matmul_t
 
 OUT = pathlib.Path(__file__).resolve().parent / "results" / "bench" / "matvec_cpu.json"
 SHAPES = {"tiny c_fc": (256, 1024), "tiny head": (256, 32000), "small c_fc": (768, 3072),
           "small c_proj (mlp)": (3072, 768), "small head": (768, 32000)}
+F32, BF16 = jnp.float32, jnp.bfloat16
 
 
-def _best_us(f, *args, calls: int = 100, runs: int = 5) -> float:
-    f(*args).block_until_ready()
+def _product(x, w, contract_w):
+    return lax.dot_general(x, w, (((1,), (contract_w,)), ((), ())), preferred_element_type=F32)
+
+
+def _int8_dynamic(x, w8_OI):
+    scale_N1 = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True), 1e-12) / 127
+    xq = jnp.round(x / scale_N1).astype(jnp.int8)
+    return lax.dot_general(xq, w8_OI, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32) * scale_N1
+
+
+FORMS = {  # name: (weight dtype, layout, x dtype, product)
+    "float32 (in,out)": (F32, "IO", F32, lambda x, w: _product(x, w, 0)),
+    "float32 (out,in)": (F32, "OI", F32, matmul_t),
+    "bf16 (in,out)": (BF16, "IO", BF16, lambda x, w: _product(x, w, 0)),
+    "bf16 (out,in)": (BF16, "OI", BF16, matmul_t),
+    "int8 weight-only (out,in)": (jnp.int8, "OI", BF16, matmul_t),
+    "int8 x int8 dynamic (out,in)": (jnp.int8, "OI", F32, _int8_dynamic),
+}
+
+
+def _best_us(form, x, ws, runs: int = 3) -> float:
+    """Microseconds a product: all of ``ws`` in one compiled call, each output summed (so none is dropped)."""
+    f = jax.jit(lambda x, ws: sum(form(x, w).sum() for w in ws))
+    f(x, ws).block_until_ready()
     best = float("inf")
     for _ in range(runs):
         t0 = time.perf_counter()
-        for _ in range(calls):
-            out = f(*args)
-        out.block_until_ready()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
-
-
-@jax.jit
-def _f32(x, w):
-    return x @ w
-
-
-@jax.jit
-def _bf16(x, w):
-    return jnp.dot(x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)
-
-
-@jax.jit
-def _int8(x, w, scale):
-    return jnp.dot(x, w.astype(jnp.float32), preferred_element_type=jnp.float32) * scale
+        f(x, ws).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return best / len(ws) * 1e6
 
 
 def main() -> None:
     rows = []
     for name, (d_in, d_out) in SHAPES.items():
-        w = jax.random.normal(jax.random.PRNGKey(0), (d_in, d_out)) * 0.02
-        scale = jnp.max(jnp.abs(w), axis=0) / 127
-        w8 = jnp.round(w / scale).astype(jnp.int8)
-        for batch in (1, 8):
-            x = jax.random.normal(jax.random.PRNGKey(1), (batch, d_in))
-            load = round(os.getloadavg()[0], 2)
-            us = {"float32": _best_us(_f32, x, w), "bfloat16": _best_us(_bf16, x, w.astype(jnp.bfloat16)),
-                  "int8": _best_us(_int8, x, w8, scale)}
-            nbytes = {"float32": 4 * w.size, "bfloat16": 2 * w.size, "int8": w.size + 4 * d_out}
-            rows.append({"shape": name, "d_in": d_in, "d_out": d_out, "batch": batch, "load": load,
-                         **{f"{k}_us": round(v, 1) for k, v in us.items()},
-                         **{f"{k}_gbps": round(nbytes[k] / us[k] / 1e3, 1) for k in us}})
-            print(json.dumps(rows[-1]), flush=True)
+        w_IO = jax.random.normal(jax.random.PRNGKey(0), (d_in, d_out)) * 0.02
+        for batch in (1, 2, 8):
+            row = {"shape": name, "d_in": d_in, "d_out": d_out, "batch": batch, "load": round(os.getloadavg()[0], 2)}
+            for form_name, (w_dtype, layout, x_dtype, form) in FORMS.items():
+                w = w_IO if layout == "IO" else w_IO.T
+                w = jnp.round(w / 0.1 * 127).clip(-127, 127).astype(jnp.int8) if w_dtype == jnp.int8 else w.astype(w_dtype)
+                copies = min(64, max(2, -(-256 * 2**20 // w.nbytes)))
+                ws = tuple(w + jnp.zeros((), w.dtype) for _ in range(copies))  # distinct buffers
+                x = jax.random.normal(jax.random.PRNGKey(1), (batch, d_in)).astype(x_dtype)
+                us = _best_us(form, x, ws)
+                row[f"{form_name} us"] = round(us, 1)
+                row[f"{form_name} GB/s"] = round(w.nbytes / us / 1e3, 1)
+                del ws
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     record = {"roofline": roofline(), "jax": jax.__version__, "rows": rows}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(record, indent=2) + "\n")

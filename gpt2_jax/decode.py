@@ -133,7 +133,8 @@ def sample_nucleus(logits_BV: jax.Array, rng: jax.Array, *, top_p, temperature=1
 def inference_params(params, cfg: GPT2Config, quantize: str = "none"):
     """``params`` as decoding reads them, every weight once per token: in ``cfg``'s compute dtype
     (bf16 halves the bytes), or with ``quantize="int8"`` as ``quantize_int8``'s int8 kernels and
-    embedding (a quarter) with float32 scales; what stays float is in the compute dtype."""
+    embedding (a quarter) with float32 scales; what stays float is in the compute dtype. Dense
+    kernels are stored transposed, as ``kernel_OI`` (see ``model.Dense``)."""
     assert quantize in QUANTIZE, quantize
     if quantize == "int8":
         params = quantize_int8(params)
@@ -143,7 +144,12 @@ def inference_params(params, cfg: GPT2Config, quantize: str = "none"):
         keep = path[-1].key == "int8_scale" or not jnp.issubdtype(a.dtype, jnp.floating)
         return a if keep else a.astype(dtype)
 
-    return jax.tree_util.tree_map_with_path(cast, params)
+    def transpose_kernels(tree):
+        if "kernel" in tree and getattr(tree["kernel"], "ndim", 0) == 2:
+            tree = {("kernel_OI" if k == "kernel" else k): (v.T if k == "kernel" else v) for k, v in tree.items()}
+        return {k: transpose_kernels(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+    return transpose_kernels(jax.tree_util.tree_map_with_path(cast, params))
 
 
 def prefill(params, cfg: GPT2Config, cache: KVCache, prompt_BP: jax.Array, lengths_B: jax.Array):
@@ -201,7 +207,10 @@ def start_decoding(params, cfg: GPT2Config, window_BW: jax.Array, lengths_B: jax
     """
     B, W = window_BW.shape
     rows_B = jnp.arange(B) if rows_B is None else rows_B
-    logits_BV, cache = prefill(params, cfg, init_cache(cfg, B), window_BW, lengths_B)
+    # Room for the window and every new token, at most n_ctx slots: attention reads all of a
+    # cache's slots each step, so a short generation reads a short cache.
+    cache = init_cache(cfg, B, min(cfg.n_ctx, W + capacity))
+    logits_BV, cache = prefill(params, cfg, cache, window_BW, lengths_B)
     history_BS = jnp.zeros((B, W + capacity), jnp.int32).at[:, :W].set(window_BW)
     return DecodeState(cache, logits_BV, lengths_B, history_BS, lengths_B, jnp.zeros((B,), bool),
                        row_keys(rng, rows_B))
@@ -210,10 +219,16 @@ def start_decoding(params, cfg: GPT2Config, window_BW: jax.Array, lengths_B: jax
 def advance_decoding(params, cfg: GPT2Config, state: DecodeState, sampling: Sampling, *,
                      method: str, num_steps: int, slide_keep: int
                      ) -> tuple[DecodeState, jax.Array]:
-    """``num_steps`` tokens per row (within ``start_decoding``'s capacity); ``(state, new_BN)``."""
+    """``num_steps`` tokens per row (within ``start_decoding``'s capacity); ``(state, new_BN)``.
+
+    A ``lax.while_loop`` that stops once every row has emitted ``eos_id`` (the rest of ``new_BN`` is
+    ``eos_id``). No ``lax.cond`` carries the cache, so no step copies it: a window that cannot fill
+    (the history fits in ``n_ctx``) has no slide at all, statically.
+    """
     assert 1 <= slide_keep <= cfg.n_ctx, (slide_keep, cfg.n_ctx)
-    B = state.length_B.shape[0]
+    B, S = state.history_BS.shape
     rows_B = jnp.arange(B)
+    may_slide = S > cfg.n_ctx
 
     def slide(args):  # rows whose window is full restart from their last slide_keep tokens
         logits_BV, cache, position_B, history_BS, length_B, full_B = args
@@ -236,20 +251,26 @@ def advance_decoding(params, cfg: GPT2Config, state: DecodeState, sampling: Samp
         full_B = state.position_B >= cfg.n_ctx
         logits_BV, cache = decode_step(params, cfg, state.cache, token_B,
                                        jnp.minimum(state.position_B, cfg.n_ctx - 1))
-        logits_BV, cache, position_B = jax.lax.cond(
-            jnp.any(full_B), slide, lambda args: args[:3],
-            (logits_BV, cache, state.position_B + 1, history_BS, state.length_B + 1, full_B))
+        position_B = state.position_B + 1
+        if may_slide:
+            logits_BV, cache, position_B = jax.lax.cond(
+                jnp.any(full_B), slide, lambda args: args[:3],
+                (logits_BV, cache, position_B, history_BS, state.length_B + 1, full_B))
         return DecodeState(cache, logits_BV, position_B, history_BS, state.length_B + 1,
                            state.done_B | (token_B == sampling.eos_id), keys_B2[:, 0]), token_B
 
-    def finished(state: DecodeState) -> tuple[DecodeState, jax.Array]:
-        return state, jnp.full((B,), sampling.eos_id, jnp.int32)
+    def more(carry) -> jax.Array:
+        i, state, _ = carry
+        return (i < num_steps) & ~jnp.all(state.done_B)
 
-    def body(state, _):  # once every row has stopped, a step costs only this test
-        return jax.lax.cond(jnp.all(state.done_B), finished, step, state)
+    def body(carry):
+        i, state, new_NB = carry
+        state, token_B = step(state)
+        return i + 1, state, new_NB.at[i].set(token_B)
 
-    state, tokens_NB = jax.lax.scan(body, state, None, length=num_steps)
-    return state, tokens_NB.T
+    new_NB = jnp.full((num_steps, B), sampling.eos_id, jnp.int32)
+    _, state, new_NB = jax.lax.while_loop(more, body, (jnp.int32(0), state, new_NB))
+    return state, new_NB.T
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "slide_keep"))

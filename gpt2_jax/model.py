@@ -19,16 +19,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.dots import mixed_matmul, vocab_chunked_nll
+from gpt2_jax.dots import matmul_t, mixed_matmul, vocab_chunked_nll
 
 
 class LayerCache(NamedTuple):
-    """Keys and values of one layer for cache slots 0..S-1 (slot = absolute position)."""
+    """Keys and values of one layer for cache slots 0..S-1 (slot = absolute position), heads-major:
+    attention reads them in this layout, so no step copies the cache into it."""
 
-    k_BSHK: jax.Array
-    v_BSHK: jax.Array
+    k_BHSK: jax.Array
+    v_BHSK: jax.Array
 
 
 KVCache = tuple[LayerCache, ...]  # one entry per layer
@@ -38,7 +40,7 @@ def init_cache(cfg: GPT2Config, batch_size: int, length: int | None = None) -> K
     """An all-zero cache of ``length`` slots (default ``n_ctx``) in the compute dtype."""
     length = cfg.n_ctx if length is None else length
     assert 1 <= length <= cfg.n_ctx, (length, cfg.n_ctx)
-    shape = (batch_size, length, cfg.n_head, cfg.d_head)
+    shape = (batch_size, cfg.n_head, length, cfg.d_head)
     zeros = jnp.zeros(shape, compute_dtype(cfg))
     return tuple(LayerCache(zeros, zeros) for _ in range(cfg.n_layer))
 
@@ -64,7 +66,9 @@ class Dense(nn.Module):
     """``x @ kernel + bias`` in the compute dtype, kernel ``(in, out)`` as GPT-2's ``Conv1D``.
 
     An int8 kernel (``quantize_int8``) comes with a float32 ``int8_scale`` per output column: the product
-    of the int8 values is rescaled, so no dequantized copy of the kernel is part of the model.
+    of the int8 values is rescaled, so no dequantized copy of the kernel is part of the model. Decoding
+    stores the kernel transposed, as ``kernel_OI`` (``decode.inference_params``), the layout the few-row
+    products read fastest (``dots.matmul_t``).
     """
 
     features: int
@@ -73,15 +77,23 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTI):
-        kernel_IO = self.param("kernel", self.kernel_init, (x_BTI.shape[-1], self.features), jnp.float32)
-        bias_O = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-        x_BTI = x_BTI.astype(self.dtype)
-        if not self.has_variable("params", "int8_scale"):
-            *lead, I = x_BTI.shape
-            y_NO = mixed_matmul(x_BTI.reshape(-1, I), kernel_IO)  # float32 accumulation, fast backward (dots.py)
-            return (y_NO + bias_O).astype(self.dtype).reshape(*lead, self.features)
-        y_BTO = jnp.dot(x_BTI, kernel_IO.astype(self.dtype), preferred_element_type=jnp.float32)
-        return (y_BTO * self.get_variable("params", "int8_scale")).astype(self.dtype) + bias_O.astype(self.dtype)
+        *lead, I = x_BTI.shape
+        x_NI = x_BTI.astype(self.dtype).reshape(-1, I)
+        scale_O = self.get_variable("params", "int8_scale")
+        if self.has_variable("params", "kernel_OI"):
+            y_NO = matmul_t(x_NI, self.get_variable("params", "kernel_OI"))
+            bias_O = self.get_variable("params", "bias")
+        else:
+            kernel_IO = self.param("kernel", self.kernel_init, (I, self.features), jnp.float32)
+            bias_O = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+            if scale_O is None:
+                y_NO = mixed_matmul(x_NI, kernel_IO)  # float32 accumulation, fast backward (dots.py)
+            else:
+                y_NO = jnp.dot(x_NI, kernel_IO.astype(self.dtype), preferred_element_type=jnp.float32)
+        if scale_O is not None:
+            y_NO = (y_NO * scale_O).astype(self.dtype)  # int8: rescaled, rounded, then the bias as before
+            return (y_NO + bias_O.astype(self.dtype)).reshape(*lead, self.features)
+        return (y_NO + bias_O).astype(self.dtype).reshape(*lead, self.features)
 
 
 def attention_implementation(cfg: GPT2Config) -> str | None:
@@ -90,42 +102,43 @@ def attention_implementation(cfg: GPT2Config) -> str | None:
 
 
 def attend(
-    q_BTHK: jax.Array,
-    k_BSHK: jax.Array,
-    v_BSHK: jax.Array,
+    q_BHTK: jax.Array,
+    k_BHSK: jax.Array,
+    v_BHSK: jax.Array,
     mask_BTS: jax.Array | None,
     *,
     dropout_rate: float = 0.0,
     dropout_keys_B: jax.Array | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
-    """Scaled dot-product attention; ``mask_BTS=None`` means causal over aligned T == S.
+    """Scaled dot-product attention, heads-major in and out (``y_BHTK``); ``mask_BTS=None`` means causal
+    over aligned T == S.
 
     Softmax runs in float32 whatever the compute dtype, and both products accumulate in float32.
     ``jax.nn.dot_product_attention`` (cuDNN's fused kernel where it supports the call) serves the
     calls without dropout on GPUs, or whenever ``implementation`` names it; elsewhere, and for
     dropout on the probabilities (row b's mask drawn from ``dropout_keys_B[b]``), the explicit
-    formulation runs, heads-major (on XLA:CPU twice as fast as contracting the ``BTHK`` layout).
+    formulation runs (heads-major: on XLA:CPU twice as fast as contracting a ``BTHK`` layout).
     """
     use_dropout = dropout_rate > 0.0 and dropout_keys_B is not None
     if not use_dropout and (implementation is not None or jax.default_backend() != "cpu"):
         mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
         impl = implementation if mask_BTS is None else "xla"  # cuDNN wants causal / seq-lengths masks
-        return jax.nn.dot_product_attention(
+        q_BTHK, k_BSHK, v_BSHK = (jnp.swapaxes(a, 1, 2) for a in (q_BHTK, k_BHSK, v_BHSK))
+        y_BTHK = jax.nn.dot_product_attention(
             q_BTHK, k_BSHK, v_BSHK, mask=mask, is_causal=mask_BTS is None, implementation=impl
         )
-    T, S = q_BTHK.shape[1], k_BSHK.shape[1]
+        return jnp.swapaxes(y_BTHK, 1, 2)
+    T, S = q_BHTK.shape[2], k_BHSK.shape[2]
     if mask_BTS is None:
         assert T == S, (T, S)
         mask_BTS = jnp.tril(jnp.ones((T, S), bool))[None]
-    q_BHTK, k_BHSK, v_BHSK = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q_BTHK, k_BSHK, v_BSHK))
-    scale = 1.0 / math.sqrt(q_BTHK.shape[-1])
+    scale = 1.0 / math.sqrt(q_BHTK.shape[-1])
     scores_BHTS = mixed_matmul(q_BHTK, jnp.swapaxes(k_BHSK, 2, 3))
     scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * scale, jnp.finfo(jnp.float32).min)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
-    probs_BHTS = dropout(probs_BHTS, dropout_rate if use_dropout else 0.0, dropout_keys_B).astype(v_BSHK.dtype)
-    y_BHTK = mixed_matmul(probs_BHTS, v_BHSK)
-    return jnp.transpose(y_BHTK, (0, 2, 1, 3)).astype(q_BTHK.dtype)
+    probs_BHTS = dropout(probs_BHTS, dropout_rate if use_dropout else 0.0, dropout_keys_B).astype(v_BHSK.dtype)
+    return mixed_matmul(probs_BHTS, v_BHSK).astype(q_BHTK.dtype)
 
 
 def fold_in_rows(keys_B: jax.Array | None, site: int) -> jax.Array | None:
@@ -145,13 +158,32 @@ def dropout(x_B: jax.Array, rate: float, keys_B: jax.Array | None) -> jax.Array:
     return jnp.where(keep_B, x_B / (1.0 - rate), 0.0).astype(x_B.dtype)
 
 
-def write_cache(cache: LayerCache, k_BTHK: jax.Array, v_BTHK: jax.Array, positions_BT: jax.Array) -> LayerCache:
-    """Store new keys/values at their absolute positions (per row); out-of-range writes are dropped."""
-    rows_B1 = jnp.arange(k_BTHK.shape[0])[:, None]
-    return LayerCache(
-        cache.k_BSHK.at[rows_B1, positions_BT].set(k_BTHK.astype(cache.k_BSHK.dtype), mode="drop"),
-        cache.v_BSHK.at[rows_B1, positions_BT].set(v_BTHK.astype(cache.v_BSHK.dtype), mode="drop"),
-    )
+def write_cache(cache: LayerCache, k_BHTK: jax.Array, v_BHTK: jax.Array, positions_BT: jax.Array) -> LayerCache:
+    """Store new keys/values at their absolute positions (per row).
+
+    One token per row (a decoding step) is written row by row with ``dynamic_update_slice``, in place
+    (a position past the cache writes its last slot); longer chunks are scattered, dropping writes past
+    the cache. XLA:CPU runs a scatter as a loop over a copy of the whole cache: fine once per prompt,
+    not once per token.
+    """
+    B, _, T, _ = k_BHTK.shape
+    if T == 1:
+        def store(c_BHSK, new_BH1K):
+            # As raw 16-bit words: XLA:CPU widens a bf16 dynamic_update_slice to float32, whole cache.
+            bits = (lambda a: lax.bitcast_convert_type(a, jnp.uint16)) if c_BHSK.dtype == jnp.bfloat16 else (lambda a: a)
+            c_BHSK, new_BH1K = bits(c_BHSK), bits(new_BH1K.astype(c_BHSK.dtype))
+            for b in range(B):
+                c_BHSK = lax.dynamic_update_slice(c_BHSK, new_BH1K[b:b + 1], (b, 0, positions_BT[b, 0], 0))
+            return c_BHSK if c_BHSK.dtype != jnp.uint16 else lax.bitcast_convert_type(c_BHSK, jnp.bfloat16)
+
+        # The barrier keeps XLA from fusing the write into each reader (attention and the loop's
+        # carry) separately, which needs a copy of the old cache per reader.
+        return LayerCache(*lax.optimization_barrier((store(cache.k_BHSK, k_BHTK), store(cache.v_BHSK, v_BHTK))))
+    rows_B1 = jnp.arange(B)[:, None]
+    # Indexing [rows, :, positions] addresses the slots as (B, T, H, K): the new chunk's own layout.
+    store = lambda c_BHSK, new_BHTK: c_BHSK.at[rows_B1, :, positions_BT].set(
+        jnp.swapaxes(new_BHTK, 1, 2).astype(c_BHSK.dtype), mode="drop")
+    return LayerCache(store(cache.k_BHSK, k_BHTK), store(cache.v_BHSK, v_BHTK))
 
 
 class CausalSelfAttention(nn.Module):
@@ -164,21 +196,22 @@ class CausalSelfAttention(nn.Module):
         H, K = cfg.n_head, cfg.d_head
         dense = dict(dtype=compute_dtype(cfg))
         qkv_BT3D = Dense(3 * D, kernel_init=_init_normal(INIT_STD), name="c_attn", **dense)(x_BTD)
-        q_BTHK, k_BTHK, v_BTHK = (a.reshape(B, T, H, K) for a in jnp.split(qkv_BT3D, 3, axis=-1))
+        q_BHTK, k_BHTK, v_BHTK = (a.reshape(B, T, H, K).transpose(0, 2, 1, 3) for a in jnp.split(qkv_BT3D, 3, axis=-1))
 
         if cache is None:  # training / full forward: keys are the chunk itself
-            k_BSHK, v_BSHK, mask_BTS = k_BTHK, v_BTHK, None
+            k_BHSK, v_BHSK, mask_BTS = k_BHTK, v_BHTK, None
         else:  # decoding: write this chunk into the cache, attend to every slot up to our position
-            cache = write_cache(cache, k_BTHK, v_BTHK, positions_BT)
-            k_BSHK, v_BSHK = cache.k_BSHK, cache.v_BSHK
-            slots_S = jnp.arange(k_BSHK.shape[1])
+            cache = write_cache(cache, k_BHTK, v_BHTK, positions_BT)
+            k_BHSK, v_BHSK = cache.k_BHSK, cache.v_BHSK
+            slots_S = jnp.arange(k_BHSK.shape[2])
             mask_BTS = slots_S[None, None, :] <= positions_BT[:, :, None]
 
-        y_BTHK = attend(
-            q_BTHK, k_BSHK.astype(q_BTHK.dtype), v_BSHK.astype(q_BTHK.dtype), mask_BTS,
+        y_BHTK = attend(
+            q_BHTK, k_BHSK.astype(q_BHTK.dtype), v_BHSK.astype(q_BHTK.dtype), mask_BTS,
             dropout_rate=cfg.attn_dropout, dropout_keys_B=keys_B, implementation=attention_implementation(cfg),
         )
-        y_BTD = Dense(D, kernel_init=_residual_init(cfg), name="c_proj", **dense)(y_BTHK.reshape(B, T, D))
+        y_BTD = y_BHTK.transpose(0, 2, 1, 3).reshape(B, T, D)
+        y_BTD = Dense(D, kernel_init=_residual_init(cfg), name="c_proj", **dense)(y_BTD)
         return y_BTD, cache
 
 
@@ -265,8 +298,8 @@ class GPT2(nn.Module):
         x_BTD = _layer_norm(cfg, "ln_f")(x_BTD)
         if not head:  # the features the tied head reads: for a loss that never holds all the logits
             return x_BTD if cache is None else (x_BTD, tuple(new_cache))
-        w_VD = wte.embedding.astype(x_BTD.dtype)  # LM head tied to the token embedding, float32 accumulation
-        logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, w_VD, preferred_element_type=jnp.float32)
+        # LM head tied to the token embedding, float32 accumulation; wte is (V, D): matmul_t's layout.
+        logits_BTV = matmul_t(x_BTD.reshape(B * T, -1), wte.embedding).reshape(B, T, -1)
         if wte_scale_V is not None:
             logits_BTV = logits_BTV * wte_scale_V
         chex.assert_shape(logits_BTV, (B, T, cfg.vocab_size))

@@ -88,14 +88,14 @@ def test_a_rows_dropout_masks_follow_its_own_key_alone(micro_cfg):
 
 @pytest.mark.slow
 def test_attention_dropout_path_matches_fused_without_dropout():
-    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 6, 3, 8)) for i in range(3))
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 3, 6, 8)) for i in range(3))  # heads-major BHTK
     fused = attend(q, k, v, None)
     explicit = attend(q, k, v, None, dropout_rate=1e-9, dropout_keys_B=jax.random.split(jax.random.PRNGKey(0), 2))
     np.testing.assert_allclose(explicit, fused, atol=1e-5)
     # Manual reference: softmax(QKᵀ/√K + causal) V.
-    s = jnp.einsum("bthk,bshk->bhts", q, k) / math.sqrt(8)
+    s = jnp.einsum("bhtk,bhsk->bhts", q, k) / math.sqrt(8)
     s = jnp.where(jnp.tril(jnp.ones((6, 6), bool)), s, -jnp.inf)
-    ref = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(s, -1), v)
+    ref = jnp.einsum("bhts,bhsk->bhtk", jax.nn.softmax(s, -1), v)
     np.testing.assert_allclose(fused, ref, atol=1e-5)
 
 
