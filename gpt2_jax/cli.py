@@ -86,8 +86,9 @@ def auto_dtype(workload: str, *, platform: str, compute_capability: str | None =
         if cc >= (8, 0):
             return "bfloat16", f"GPU of compute capability {compute_capability or 'unknown'}"
         return "float32", f"GPU of compute capability {compute_capability}: no bf16 tensor cores"
-    if workload == "decode":  # bf16/int8 matvecs measured 3-12x slower than float32 (experiments/matvec_cpu.py)
-        return "float32", "CPU decoding: XLA:CPU widens bf16 weights to float32 before each matrix-vector product"
+    if workload == "decode":  # one-row products: float32 ~20 GB/s, bf16 ~12 (experiments/matvec_cpu.py)
+        return "float32", ("CPU decoding: XLA:CPU has no bf16 matrix-vector kernel, so bf16's halved weight "
+                           "bytes barely pay at batch 1 (pass --dtype=bfloat16 for batches)")
     native = sorted(cpu_flags & BF16_CPU_FLAGS)
     if native:
         return "bfloat16", f"CPU with {' and '.join(native)}"

@@ -111,7 +111,7 @@ def test_a_folder_flag_naming_a_file_is_one_line_and_the_file_is_untouched(tool,
     ("batched", "cpu", None, {"avx512f", "avx512_bf16"}, "bfloat16"),
     ("batched", "cpu", None, {"avx512f", "amx_bf16", "amx_tile"}, "bfloat16"),
     ("batched", "cpu", None, {"avx2", "avx512f", "avx512_vnni"}, "float32"),
-    ("decode", "cpu", None, {"avx512_bf16", "amx_bf16"}, "float32"),  # XLA:CPU widens bf16 weights per matvec
+    ("decode", "cpu", None, {"avx512_bf16", "amx_bf16"}, "float32"),  # no bf16 matvec kernel in XLA:CPU
 ])
 def test_auto_dtype_is_bf16_only_where_the_hardware_has_native_bf16_dots(workload, platform, cc, flags_, expected):
     dtype, why = cli.auto_dtype(workload, platform=platform, compute_capability=cc, cpu_flags=frozenset(flags_))

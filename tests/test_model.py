@@ -254,6 +254,42 @@ def test_mixed_matmul_value_and_gradients_are_the_plain_products(dtype, rtol):
     np.testing.assert_allclose(dw, x32.T @ g_NO, atol=rtol * scale(x32.T @ g_NO))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 70])
+def test_matmul_t_is_x_times_the_transposed_weight(dtype, rows):
+    from gpt2_jax.dots import matmul_t
+
+    x_NI = jax.random.normal(jax.random.PRNGKey(0), (rows, 24), dtype)
+    w_OI = jax.random.normal(jax.random.PRNGKey(1), (40, 24))
+    y_NO = matmul_t(x_NI, w_OI)
+    x32, w32 = x_NI.astype(jnp.float32), w_OI.astype(dtype).astype(jnp.float32)  # the values it multiplies
+    assert y_NO.shape == (rows, 40) and y_NO.dtype == jnp.float32
+    np.testing.assert_allclose(y_NO, x32 @ w32.T, rtol=1e-5, atol=1e-5)
+    if dtype == jnp.bfloat16:  # one bf16 row is computed as two: bit for bit a row of a 2-row batch
+        pair_NO = matmul_t(jnp.concatenate([x_NI[:1], -x_NI[:1]]), w_OI)
+        np.testing.assert_array_equal(matmul_t(x_NI[:1], w_OI), pair_NO[:1])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("T", [1, 3])
+def test_write_cache_puts_each_rows_keys_and_values_at_its_own_positions(dtype, T):
+    from gpt2_jax.model import LayerCache, write_cache
+
+    B, H, S, K = 3, 2, 8, 4
+    old = LayerCache(*(jax.random.normal(jax.random.PRNGKey(i), (B, H, S, K), dtype) for i in (0, 1)))
+    k_BHTK, v_BHTK = (jax.random.normal(jax.random.PRNGKey(i), (B, H, T, K), dtype) for i in (2, 3))
+    positions_BT = jnp.asarray([[5, 6, 7], [0, 1, 2], [2, 3, 4]], jnp.int32)[:, :T]  # T=1 per-row DUS, T=3 scatter
+    new = write_cache(old, k_BHTK, v_BHTK, positions_BT)
+    expected_k, expected_v = np.asarray(old.k_BHSK).copy(), np.asarray(old.v_BHSK).copy()
+    for b in range(B):
+        for t in range(T):
+            expected_k[b, :, positions_BT[b, t]] = k_BHTK[b, :, t]
+            expected_v[b, :, positions_BT[b, t]] = v_BHTK[b, :, t]
+    assert new.k_BHSK.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(new.k_BHSK), expected_k)
+    np.testing.assert_array_equal(np.asarray(new.v_BHSK), expected_v)
+
+
 def test_every_product_of_the_bf16_train_step_takes_narrow_inputs_and_accumulates_in_float32(micro_cfg):
     # What makes bf16 training fast on XLA:CPU (dots.py): no dot mixes a float32 operand with a bf16 one
     # (XLA would widen both) and none rounds its output to bf16, forward or backward, head included.

@@ -82,9 +82,16 @@ def reference_greedy(params, cfg, prompt, max_new_tokens, slide_keep):
 
 # ─── cache ───────────────────────────────────────────────────────────────────────────────────────
 
-def test_prefill_then_decode_steps_match_full_forward_at_every_position(cfg, params):
+@pytest.mark.parametrize("layout", ["training", "inference"])
+def test_prefill_then_decode_steps_match_full_forward_at_every_position(cfg, params, layout):
+    full_params = params
+    if layout == "inference":  # decode.inference_params: Dense kernels stored (out, in) as kernel_OI
+        params = decode.inference_params(params, cfg)
+        c_fc = params["h_0"]["mlp"]["c_fc"]
+        assert "kernel" not in c_fc and c_fc["kernel_OI"].shape == (cfg.d_ff, cfg.d_model)
+        np.testing.assert_array_equal(c_fc["kernel_OI"], full_params["h_0"]["mlp"]["c_fc"]["kernel"].T)
     seqs = [_tokens(cfg, cfg.n_ctx, seed=3), _tokens(cfg, cfg.n_ctx, seed=4)]
-    full_BTV = forward(params, cfg, jnp.asarray(np.stack(seqs)))
+    full_BTV = forward(full_params, cfg, jnp.asarray(np.stack(seqs)))
     lengths = np.array([3, 6])  # right-padded prompt of width 8, padding = token 5
     prompt_BP = np.full((2, 8), 5, np.int32)
     for b, n in enumerate(lengths):
