@@ -170,15 +170,15 @@ def write_cache(cache: LayerCache, k_BHTK: jax.Array, v_BHTK: jax.Array, positio
     if T == 1:
         def store(c_BHSK, new_BH1K):
             # As raw 16-bit words: XLA:CPU widens a bf16 dynamic_update_slice to float32, whole cache.
-            bits = (lambda a: lax.bitcast_convert_type(a, jnp.uint16)) if c_BHSK.dtype == jnp.bfloat16 else (lambda a: a)
-            c_BHSK, new_BH1K = bits(c_BHSK), bits(new_BH1K.astype(c_BHSK.dtype))
+            dtype = c_BHSK.dtype
+            words = jnp.uint16 if dtype == jnp.bfloat16 else dtype
+            c_BHSK = lax.bitcast_convert_type(c_BHSK, words)
+            new_BH1K = lax.bitcast_convert_type(new_BH1K.astype(dtype), words)
             for b in range(B):
                 c_BHSK = lax.dynamic_update_slice(c_BHSK, new_BH1K[b:b + 1], (b, 0, positions_BT[b, 0], 0))
-            return c_BHSK if c_BHSK.dtype != jnp.uint16 else lax.bitcast_convert_type(c_BHSK, jnp.bfloat16)
+            return lax.bitcast_convert_type(c_BHSK, dtype)
 
-        # The barrier keeps XLA from fusing the write into each reader (attention and the loop's
-        # carry) separately, which needs a copy of the old cache per reader.
-        return LayerCache(*lax.optimization_barrier((store(cache.k_BHSK, k_BHTK), store(cache.v_BHSK, v_BHTK))))
+        return LayerCache(store(cache.k_BHSK, k_BHTK), store(cache.v_BHSK, v_BHTK))
     rows_B1 = jnp.arange(B)[:, None]
     # Indexing [rows, :, positions] addresses the slots as (B, T, H, K): the new chunk's own layout.
     store = lambda c_BHSK, new_BHTK: c_BHSK.at[rows_B1, :, positions_BT].set(
