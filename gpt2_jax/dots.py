@@ -150,10 +150,11 @@ def vocab_chunked_nll(x_ND: jax.Array, w_VD: jax.Array, t_N: jax.Array, *, vocab
 def matmul_t(x_NI: jax.Array, w_OI: jax.Array) -> jax.Array:
     """``x_NI @ w_OIᵀ`` in float32 for inference, the weight (stored ``(out, in)``) used in ``x``'s dtype.
 
-    Decoding's products read every weight for a few rows. Measured on the 2-core Xeon (AMX) at small's
-    ``c_fc`` shape, 24 distinct weights so that none is cached: bf16 at 2 rows 385 us a product with the
-    weight ``(out, in)`` against 542 ``(in, out)``, float32 at 8 rows 681 against 998. One bf16 row is
-    computed as two (the copy dropped): XLA:CPU has no bf16 matrix-vector kernel and runs one row 7x slower.
+    Decoding's products read every weight for a few rows, and read an ``(out, in)`` weight faster:
+    at small's ``c_fc`` shape, weights read from memory (``experiments/matvec_cpu.py`` on the 2-core
+    Xeon with AMX), bf16 at 2 rows took 325 us against 519 for ``(in, out)``, float32 at 8 rows 750
+    against 935. One bf16 row is computed as two (the copy dropped): XLA:CPU has no bf16
+    matrix-vector kernel, and one row ``(in, out)`` took 2,468 us.
     """
     N = x_NI.shape[0]
     x_MI = jnp.concatenate([x_NI, x_NI]) if N == 1 and x_NI.dtype != F32 else x_NI
