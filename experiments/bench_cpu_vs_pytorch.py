@@ -183,7 +183,7 @@ def generate_row(size: str, batch: int, args) -> dict:
     from gpt2_jax.config import GPT2Config
 
     ours = {}
-    for dtype, quantize in (("float32", "none"), ("bfloat16", "none"), ("float32", "int8")):
+    for dtype, quantize in (("float32", "none"), ("bfloat16", "none"), ("float32", "int8"), ("float32", "int8_dynamic")):
         name = f"ours_{dtype}" if quantize == "none" else f"ours_{quantize}"
         load = _load(f"generate {size} batch {batch} {name}")
         r = bench_generate(GPT2Config.preset(size, dtype=dtype), batch_size=batch, prompt_len=args.prompt_len,

@@ -183,6 +183,7 @@ def bench_generate(cfg: GPT2Config, *, batch_size: int, prompt_len: int, new_tok
                    method: str, repeats: int = 3, seed: int = 0, quantize: str = "none") -> dict:
     """New tokens/s of the one-jit decode loop, and time to first token (prefill + 1 token)."""
     params = decode.inference_params(init_params(cfg, jax.random.PRNGKey(seed)), cfg, quantize)
+    cfg = decode.inference_config(cfg, quantize)
     timing, first = (time_generate(params, cfg, batch_size=batch_size, prompt_length=prompt_len,
                                    max_new_tokens=n, method=method, repeats=repeats, seed=seed)
                      for n in (new_tokens, 1))  # 1: the same loop, time to first token

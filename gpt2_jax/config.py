@@ -34,6 +34,9 @@ class GPT2Config:
     dtype: Dtype = "float32"  # compute dtype; parameters are always float32
     attention: AttentionImpl = "auto"  # jax.nn.dot_product_attention backend; auto = XLA/cuDNN by platform
     remat: bool = False  # recompute block activations in the backward pass (saves memory)
+    # Inference with int8 weights (model.quantize_int8): also quantize each product's input rows to int8
+    # (per row, on the fly) and multiply int8 x int8 with int32 accumulation. --quantize=int8_dynamic.
+    int8_activations: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "n_ctx", "n_layer", "d_model", "n_head", "d_ff"):

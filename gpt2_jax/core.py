@@ -25,6 +25,7 @@ import optax
 from jax import lax
 
 from gpt2_jax.config import GPT2Config
+from gpt2_jax.dots import quantize_rows
 from gpt2_jax.model import chunked_token_nll, forward, init_params
 
 AXIS = "devices"  # the pmap axis: one entry per device of every process (each process holds its local ones)
@@ -216,6 +217,11 @@ def make_eval_step(cfg: GPT2Config, *, axis_name: str | None = AXIS) -> Callable
 
     def eval_step(params, batch: Batch) -> dict:
         x_BTD = forward(params, cfg, batch["inputs"], deterministic=True, head=False)
+        if cfg.int8_activations:
+            # The head's input rows as dots.int8_matmul_t quantizes them, so the chunked loss scores the
+            # logits decoding samples from (up to float32 rounding).
+            q_BTD, scale_BT1 = quantize_rows(x_BTD)
+            x_BTD = q_BTD.astype(jnp.float32) * scale_BT1
         nll_BT = chunked_token_nll(x_BTD, params["wte"]["embedding"], batch["targets"],
                                    scale_V=params["wte"].get("int8_scale"))  # int8 weights: quantize_int8
         mask_BT = batch["mask"]

@@ -26,7 +26,9 @@ from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2, KVCache, compute_dtype, init_cache, quantize_int8
 
 METHODS = ("greedy", "top_k", "nucleus", "top_k_nucleus")  # top_k_nucleus: top-k, then top-p
-QUANTIZE = ("none", "int8")  # weight-only int8 for inference: model.quantize_int8
+# Inference quantization: int8 = weight-only (model.quantize_int8); int8_dynamic = the same weights with
+# each product's input rows quantized to int8 on the fly (GPT2Config.int8_activations; inference_config).
+QUANTIZE = ("none", "int8", "int8_dynamic")
 MIN_BUCKET = 16  # shortest prompt bucket: lengths 1..16 share one compilation
 
 
@@ -130,13 +132,20 @@ def sample_nucleus(logits_BV: jax.Array, rng: jax.Array, *, top_p, temperature=1
 
 # ─── decoding: prefill, decode_step, the scanned loop ──────────────────────────────────────────
 
+def inference_config(cfg: GPT2Config, quantize: str = "none") -> GPT2Config:
+    """``cfg`` for ``inference_params(..., quantize)``: ``int8_dynamic`` quantizes activations too."""
+    assert quantize in QUANTIZE, quantize
+    return cfg.replace(int8_activations=quantize == "int8_dynamic")
+
+
 def inference_params(params, cfg: GPT2Config, quantize: str = "none"):
     """``params`` as decoding reads them, every weight once per token: in ``cfg``'s compute dtype
-    (bf16 halves the bytes), or with ``quantize="int8"`` as ``quantize_int8``'s int8 kernels and
-    embedding (a quarter) with float32 scales; what stays float is in the compute dtype. Dense
-    kernels are stored transposed, as ``kernel_OI`` (see ``model.Dense``)."""
+    (bf16 halves the bytes), or with ``quantize="int8"`` / ``"int8_dynamic"`` as ``quantize_int8``'s
+    int8 kernels and embedding (a quarter) with float32 scales; what stays float is in the compute
+    dtype. Dense kernels are stored transposed, as ``kernel_OI`` (see ``model.Dense``). Run them with
+    ``inference_config(cfg, quantize)``."""
     assert quantize in QUANTIZE, quantize
-    if quantize == "int8":
+    if quantize != "none":
         params = quantize_int8(params)
     dtype = compute_dtype(cfg)
 

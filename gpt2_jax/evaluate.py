@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from gpt2_jax import cli, data, memory, parallel, pretrained, rundir
+from gpt2_jax import cli, data, decode, memory, parallel, pretrained, rundir
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.core import AXIS, make_eval_step
 from gpt2_jax.errors import UserError
@@ -166,7 +166,12 @@ def main(argv: Sequence[str]) -> int:
     fv = cli.parse_flags(_define_flags(), argv, DESCRIPTION)
     model = pretrained.load_model(fv.run_dir, fv.hf_dir, fv.step)
     cfg = model.cfg.replace(dtype=cli.resolve_dtype(fv.dtype, "batched")[0])
-    params, tokenizer = model.params if fv.quantize == "none" else quantize_int8(model.params), model.tokenizer
+    params, tokenizer = model.params, model.tokenizer
+    if fv.quantize == "int8":
+        params = quantize_int8(params)
+    elif fv.quantize == "int8_dynamic":  # int8 x int8 products read the (out, in) kernels of inference_params
+        cfg = decode.inference_config(cfg, fv.quantize)
+        params = decode.inference_params(params, cfg, fv.quantize)
     step, out_dir = ("hf" if fv.hf_dir else model.step), model.run_dir
     seq_len = fv.seq_len or cfg.n_ctx
     if not 2 <= seq_len <= cfg.n_ctx:

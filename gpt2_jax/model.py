@@ -22,7 +22,7 @@ import optax
 from jax import lax
 
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.dots import matmul_t, mixed_matmul, vocab_chunked_nll
+from gpt2_jax.dots import int8_matmul_t, matmul_t, mixed_matmul, vocab_chunked_nll
 
 
 class LayerCache(NamedTuple):
@@ -68,12 +68,14 @@ class Dense(nn.Module):
     An int8 kernel (``quantize_int8``) comes with a float32 ``int8_scale`` per output column: the product
     of the int8 values is rescaled, so no dequantized copy of the kernel is part of the model. Decoding
     stores the kernel transposed, as ``kernel_OI`` (``decode.inference_params``), the layout the few-row
-    products read fastest (``dots.matmul_t``).
+    products read fastest (``dots.matmul_t``); with ``int8_activations`` an int8 ``kernel_OI`` multiplies
+    the input rows quantized to int8 on the fly (``dots.int8_matmul_t``).
     """
 
     features: int
     dtype: jnp.dtype
     kernel_init: nn.initializers.Initializer
+    int8_activations: bool = False
 
     @nn.compact
     def __call__(self, x_BTI):
@@ -81,7 +83,9 @@ class Dense(nn.Module):
         x_NI = x_BTI.astype(self.dtype).reshape(-1, I)
         scale_O = self.get_variable("params", "int8_scale")
         if self.has_variable("params", "kernel_OI"):
-            y_NO = matmul_t(x_NI, self.get_variable("params", "kernel_OI"))
+            kernel_OI = self.get_variable("params", "kernel_OI")
+            int8_rows = self.int8_activations and kernel_OI.dtype == jnp.int8
+            y_NO = int8_matmul_t(x_NI, kernel_OI) if int8_rows else matmul_t(x_NI, kernel_OI)
             bias_O = self.get_variable("params", "bias")
         else:
             kernel_IO = self.param("kernel", self.kernel_init, (I, self.features), jnp.float32)
@@ -194,7 +198,7 @@ class CausalSelfAttention(nn.Module):
         cfg = self.cfg
         B, T, D = x_BTD.shape
         H, K = cfg.n_head, cfg.d_head
-        dense = dict(dtype=compute_dtype(cfg))
+        dense = dict(dtype=compute_dtype(cfg), int8_activations=cfg.int8_activations)
         qkv_BT3D = Dense(3 * D, kernel_init=_init_normal(INIT_STD), name="c_attn", **dense)(x_BTD)
         q_BHTK, k_BHTK, v_BHTK = (a.reshape(B, T, H, K).transpose(0, 2, 1, 3) for a in jnp.split(qkv_BT3D, 3, axis=-1))
 
@@ -221,7 +225,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD):
         cfg = self.cfg
-        dense = dict(dtype=compute_dtype(cfg))
+        dense = dict(dtype=compute_dtype(cfg), int8_activations=cfg.int8_activations)
         h_BTF = Dense(cfg.d_ff, kernel_init=_init_normal(INIT_STD), name="c_fc", **dense)(x_BTD)
         h_BTF = nn.gelu(h_BTF, approximate=True)  # GPT-2's "gelu_new" (tanh approximation)
         return Dense(cfg.d_model, kernel_init=_residual_init(cfg), name="c_proj", **dense)(h_BTF)
@@ -299,7 +303,8 @@ class GPT2(nn.Module):
         if not head:  # the features the tied head reads: for a loss that never holds all the logits
             return x_BTD if cache is None else (x_BTD, tuple(new_cache))
         # LM head tied to the token embedding, float32 accumulation; wte is (V, D): matmul_t's layout.
-        logits_BTV = matmul_t(x_BTD.reshape(B * T, -1), wte.embedding).reshape(B, T, -1)
+        product = int8_matmul_t if cfg.int8_activations and wte_scale_V is not None else matmul_t
+        logits_BTV = product(x_BTD.reshape(B * T, -1), wte.embedding).reshape(B, T, -1)
         if wte_scale_V is not None:
             logits_BTV = logits_BTV * wte_scale_V
         chex.assert_shape(logits_BTV, (B, T, cfg.vocab_size))

@@ -22,7 +22,8 @@ from absl import flags
 from gpt2_jax import pretrained, tokenizer
 from gpt2_jax.cli import check, define_dtype_flag, define_quantize_flag, parse_flags, resolve_dtype, run
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.decode import METHODS, check_sampling_args, generate, inference_params, stream_generate
+from gpt2_jax.decode import (METHODS, check_sampling_args, generate, inference_config, inference_params,
+                             stream_generate)
 from gpt2_jax.errors import UserError
 
 DESCRIPTION = """Sample text from a trained run: greedy, top-k, nucleus (or all three side by side).
@@ -97,7 +98,7 @@ def _load_model(fv: flags.FlagValues) -> LoadedModel:
     """Weights, config and tokenizer named by the flags (a run at --step, or --hf_dir)."""
     loaded = pretrained.load_model(fv.run_dir, fv.hf_dir, fv.step)  # checks vocab sizes match
     where = f"{fv.hf_dir} (Hugging Face)" if fv.hf_dir else f"{loaded.run_dir} step {loaded.step}"
-    cfg = loaded.cfg.replace(dtype=resolve_dtype(fv.dtype, "decode")[0])
+    cfg = inference_config(loaded.cfg.replace(dtype=resolve_dtype(fv.dtype, "decode")[0]), fv.quantize)
     weights = cfg.dtype if fv.quantize == "none" else f"{fv.quantize} weights, {cfg.dtype}"
     return LoadedModel(cfg, inference_params(loaded.params, cfg, fv.quantize), loaded.tokenizer,
                        loaded.tokenizer.token_to_id(tokenizer.EOT), f"{where}, {weights}")

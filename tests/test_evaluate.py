@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import cli, data, evaluate, forward, init_params, memory, parallel, quantize_int8
+from gpt2_jax import cli, data, decode, evaluate, forward, init_params, memory, parallel, quantize_int8
 from gpt2_jax import tokenizer as tokenizer_lib
 from gpt2_jax.pretrained import save_params_as_run
 
@@ -203,6 +203,7 @@ def test_cli_run_dir_or_hf_dir_that_is_a_file_is_named_a_file(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flag, dtype, quantize", [([], "float32", "none"), (["--quantize=int8"], "float32", "int8"),
+                                                   (["--quantize=int8_dynamic"], "float32", "int8_dynamic"),
                                                    (["--dtype=bfloat16"], "bfloat16", "none")])
 def test_cli_scores_in_the_dtype_and_quantization_asked_for(tiny_run, wikitext_dir, monkeypatch, capsys, flag, dtype,
                                                            quantize):
@@ -214,6 +215,9 @@ def test_cli_scores_in_the_dtype_and_quantization_asked_for(tiny_run, wikitext_d
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (record["dtype"], record["quantize"]) == (dtype, quantize)
     corpus = data.prepare_corpus(wikitext_dir, root / "cache", tokenizer=tok)
-    lib = evaluate.evaluate_split(quantize_int8(params) if quantize == "int8" else params, cfg.replace(dtype=dtype),
-                                  corpus, "valid", batch_size=64)
+    lib_cfg = decode.inference_config(cfg.replace(dtype=dtype), quantize)
+    lib_params = {"none": params, "int8": quantize_int8(params)}.get(quantize)
+    if quantize == "int8_dynamic":  # int8 x int8 products: the (out, in) kernels decoding reads
+        lib_params = decode.inference_params(params, lib_cfg, quantize)
+    lib = evaluate.evaluate_split(lib_params, lib_cfg, corpus, "valid", batch_size=64)
     assert record["nll_sum"] == pytest.approx(lib.nll_sum, rel=1e-6)

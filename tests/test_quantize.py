@@ -1,5 +1,5 @@
-"""Weight-only int8 inference (``model.quantize_int8``): the layout, the model reading it, greedy text and
-perplexity close to float32's."""
+"""int8 inference (``model.quantize_int8``; ``int8_dynamic`` also quantizes each product's input rows): the
+layout, the model reading it, greedy text and perplexity close to float32's."""
 
 import flax.linen as nn
 import jax
@@ -107,20 +107,43 @@ def trained():
     return (cfg, *_trained(cfg))
 
 
-def test_int8_perplexity_is_within_one_percent_of_float32_on_a_trained_model(trained):
+def _quantized(params, cfg, quantize):
+    """The model ``--quantize`` means: weight-only int8 as evaluate reads it, or int8_dynamic's."""
+    if quantize == "int8":
+        return quantize_int8(params), cfg
+    q_cfg = decode.inference_config(cfg, quantize)
+    return decode.inference_params(params, q_cfg, quantize), q_cfg
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int8_dynamic"])
+def test_int8_perplexity_is_within_one_percent_of_float32_on_a_trained_model(trained, quantize):
     cfg, params, held_out = trained
-    eval_step = make_eval_step(cfg, axis_name=None)
-    nll_f = float(eval_step(params, held_out)["nll_sum"]) / float(held_out["mask"].sum())
-    nll_q = float(eval_step(quantize_int8(params), held_out)["nll_sum"]) / float(held_out["mask"].sum())
+    nll_f = float(make_eval_step(cfg, axis_name=None)(params, held_out)["nll_sum"]) / float(held_out["mask"].sum())
+    q_params, q_cfg = _quantized(params, cfg, quantize)
+    nll_q = float(make_eval_step(q_cfg, axis_name=None)(q_params, held_out)["nll_sum"]) / float(held_out["mask"].sum())
     assert nll_f < 0.5 * np.log(cfg.vocab_size)  # it learned the stream (uniform: log 97 = 4.57)
+    assert nll_q != nll_f  # the quantized model is another model
     assert abs(np.exp(nll_q) / np.exp(nll_f) - 1) <= 0.01, (np.exp(nll_f), np.exp(nll_q))
 
 
-def test_int8_greedy_text_is_float32_greedy_text_on_a_trained_model(trained):
+def test_int8_dynamic_evaluation_scores_the_logits_decoding_samples_from(trained):
+    # The eval step's chunked head sees the rows int8_matmul_t quantizes; the full head (int8 x int8) agrees.
+    cfg, params, held_out = trained
+    q_params, q_cfg = _quantized(params, cfg, "int8_dynamic")
+    logits_BTV = forward(q_params, q_cfg, held_out["inputs"])
+    nll_sum = float((token_nll(logits_BTV, held_out["targets"]) * held_out["mask"]).sum())
+    assert float(make_eval_step(q_cfg, axis_name=None)(q_params, held_out)["nll_sum"]) == pytest.approx(nll_sum, rel=1e-5)
+    x_cfg = cfg.replace(int8_activations=False)  # the same int8 weights, float rows: other logits
+    assert not np.allclose(forward(q_params, x_cfg, held_out["inputs"]), logits_BTV, atol=1e-6)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int8_dynamic"])
+def test_int8_greedy_text_is_float32_greedy_text_on_a_trained_model(trained, quantize):
     cfg, params, held_out = trained
     prompt_BP = np.asarray(held_out["inputs"][:8, :4])
     f32 = np.asarray(decode.generate(params, cfg, prompt_BP, max_new_tokens=24, method="greedy"))
-    q8 = np.asarray(decode.generate(decode.inference_params(params, cfg, "int8"), cfg, prompt_BP,
+    q_cfg = decode.inference_config(cfg, quantize)
+    q8 = np.asarray(decode.generate(decode.inference_params(params, q_cfg, quantize), q_cfg, prompt_BP,
                                     max_new_tokens=24, method="greedy"))
     np.testing.assert_array_equal(q8, f32)
     assert len(set(f32[:, 4:].ravel().tolist())) > 8  # the text is not one repeated token
@@ -128,7 +151,25 @@ def test_int8_greedy_text_is_float32_greedy_text_on_a_trained_model(trained):
 
 def test_bench_generate_reports_a_quarter_of_the_weight_bytes_with_int8(micro_cfg):
     kw = dict(batch_size=1, prompt_len=4, new_tokens=4, method="greedy", repeats=1)
-    f32, q8 = (bench.bench_generate(micro_cfg, quantize=q, **kw) for q in ("none", "int8"))
+    f32, q8, q8_dynamic = (bench.bench_generate(micro_cfg, quantize=q, **kw) for q in ("none", "int8", "int8_dynamic"))
     params = init_params(micro_cfg, jax.random.PRNGKey(0))
     assert f32["weight_bytes"] == 4 * sum(x.size for x in jax.tree.leaves(params))
     assert 0.25 < q8["weight_bytes"] / f32["weight_bytes"] < 0.35 and q8["quantize"] == "int8"
+    assert q8_dynamic["weight_bytes"] == q8["weight_bytes"] and q8_dynamic["quantize"] == "int8_dynamic"
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_matmul_t_is_the_int8_product_of_the_rows_quantized_to_int8(rows):
+    from gpt2_jax.dots import int8_matmul_t
+
+    x_NI = jax.random.normal(jax.random.PRNGKey(0), (rows, 48)) * jnp.arange(1, rows + 1)[:, None]
+    x_NI = x_NI.at[0, 3].set(0.0)
+    w8_OI = jax.random.randint(jax.random.PRNGKey(1), (40, 48), -127, 128).astype(jnp.int8)
+    x = np.asarray(x_NI, np.float64)
+    scale_N1 = np.abs(x).max(axis=1, keepdims=True) / 127
+    q_NI = np.round(x / scale_N1)
+    assert np.abs(q_NI).max() == 127
+    expected_NO = (q_NI @ np.asarray(w8_OI, np.float64).T) * scale_N1
+    np.testing.assert_allclose(int8_matmul_t(x_NI, w8_OI), expected_NO, rtol=1e-5, atol=1e-4)
+    # Not the float product: the rows really are rounded to 255 levels.
+    assert not np.allclose(np.asarray(int8_matmul_t(x_NI, w8_OI)), x @ np.asarray(w8_OI, np.float64).T, rtol=1e-4)

@@ -273,14 +273,16 @@ def test_dtype_bfloat16_decodes_with_bf16_weights_and_says_so(run_dir, tokenizer
         assert sample_lib._load_model(fv).cfg.dtype == "float32"
 
 
-def test_quantize_int8_samples_from_int8_weights_and_says_so(run_dir, tokenizer):
+@pytest.mark.parametrize("quantize", ["int8", "int8_dynamic"])
+def test_quantize_int8_samples_from_int8_weights_and_says_so(run_dir, tokenizer, quantize):
     fv = sample_lib.define_flags()
-    fv(["sample", f"--run_dir={run_dir}", "--quantize=int8"])
+    fv(["sample", f"--run_dir={run_dir}", f"--quantize={quantize}"])
     model = sample_lib._load_model(fv)
-    assert model.description.endswith("int8 weights, float32")
-    assert model.params["h_0"]["mlp"]["c_fc"]["kernel"].dtype == np.int8
+    assert model.description.endswith(f"{quantize} weights, float32")
+    assert model.params["h_0"]["mlp"]["c_fc"]["kernel_OI"].dtype == np.int8  # (out, in): decode.inference_params
     assert model.params["wte"]["embedding"].dtype == np.int8 and model.params["wte"]["int8_scale"].dtype == np.float32
-    text = _main(f"--run_dir={run_dir}", "--quantize=int8", "--method=greedy", f"--prompt={PROMPT}",
+    assert model.cfg.int8_activations == (quantize == "int8_dynamic")
+    text = _main(f"--run_dir={run_dir}", f"--quantize={quantize}", "--method=greedy", f"--prompt={PROMPT}",
                  "--nostop_at_eos", "--max_new_tokens=20").text
     ids = tokenizer.encode(PROMPT).ids
     out = np.asarray(generate(model.params, model.cfg, np.asarray([ids]), max_new_tokens=20, method="greedy"))[0]
