@@ -278,8 +278,9 @@ def main(argv: Sequence[str]) -> int:
         return code
 
 
-# TrainConfig fields added after runs were made: a run.json without one ran with its default.
+# Config fields added after runs were made: a run.json without one ran with its default.
 _ADDED_TRAIN_FIELDS = {"time_budget_minutes": None, "schedule": "cosine", "decay_fraction": 0.2}
+_ADDED_MODEL_FIELDS = {"int8_activations": False}
 
 
 def _run_record(fv, cfg, train_cfg, source, recipe, say) -> dict:
@@ -312,6 +313,8 @@ def _open_run(fv, cfg, train_cfg, record, run_dir, argv, source) -> tuple[data.C
         before = {k: saved.get(k) for k in record}
         if isinstance(before.get("train"), dict):
             before["train"] = {**_ADDED_TRAIN_FIELDS, **before["train"]}
+        if isinstance(before.get("model"), dict):
+            before["model"] = {**_ADDED_MODEL_FIELDS, **before["model"]}
         diffs = rundir.config_differences(before, record)
         if diffs:
             more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""

@@ -444,6 +444,20 @@ def test_unknown_size_is_a_user_error_naming_the_choices(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_json_written_before_later_config_fields_existed_still_resumes(finished_run, tmp_path):
+    run_dir = tmp_path / "older"
+    shutil.copytree(finished_run, run_dir)
+    record = json.loads((run_dir / rundir.RUN_FILE).read_text())
+    del record["model"]["int8_activations"]  # fields added later: absent means their default
+    for key in ("time_budget_minutes", "schedule", "decay_fraction"):
+        del record["train"][key]
+    (run_dir / rundir.RUN_FILE).write_text(json.dumps(record))
+    assert _main(f"--run_dir={run_dir}", *RESUME_FLAGS) == 0
+    with pytest.raises(UserError, match=r"different config: train.lr"):  # a real difference still counts
+        _main(f"--run_dir={run_dir}", *RESUME_FLAGS, "--lr=1e-3")
+
+
+@pytest.mark.slow
 def test_a_run_dir_of_another_config_is_refused_and_left_untouched(finished_run):
     def files():  # the lock file says who holds the run dir: the refused run held it for a moment
         return {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file() and p.name != rundir.LOCK_FILE}
