@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import jax
 from absl import flags
 
-from gpt2_jax import memory
+from gpt2_jax import decode, memory
 from gpt2_jax.errors import UserError
 
 
@@ -59,7 +59,7 @@ def define_dtype_flag(flag_values: flags.FlagValues, default: str = "auto", *, w
 
 def define_quantize_flag(flag_values: flags.FlagValues) -> None:
     """``--quantize`` (``decode.QUANTIZE``): int8 inference (``model.quantize_int8``, ``decode.inference_config``)."""
-    flags.DEFINE_enum("quantize", "none", ["none", "int8", "int8_dynamic"], "int8: weight-only int8 inference, "
+    flags.DEFINE_enum("quantize", "none", list(decode.QUANTIZE), "int8: weight-only int8 inference, "
                       "a quarter of the weight bytes (Dense kernels per output column, the token embedding per "
                       "token; scales in float32); int8_dynamic: the same weights, and each product's input rows "
                       "quantized to int8 on the fly (int8 x int8 products, faster on CPU)", flag_values=flag_values)

@@ -22,7 +22,7 @@ import optax
 from jax import lax
 
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.dots import int8_matmul_t, matmul_t, mixed_matmul, vocab_chunked_nll
+from gpt2_jax.dots import int8_matmul_t, matmul_t, mixed_matmul, quantize_rows, vocab_chunked_nll
 
 
 class LayerCache(NamedTuple):
@@ -323,10 +323,9 @@ def quantize_int8(params: dict) -> dict:
     """Weight-only int8 ``params`` for inference: every Dense kernel per output column and the tied token
     embedding per token, ``w ≈ int8 · int8_scale`` with ``int8_scale = max|w| / 127`` (float32). Biases,
     LayerNorms and the position table stay as they are. The model reads the result like ``params``."""
-    def int8(w, axis):
-        scale = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=axis, keepdims=True) / 127.0
-        scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero column stays zero
-        return jnp.round(w / scale).astype(jnp.int8), jnp.squeeze(scale, axis)
+    def int8(w, axis):  # per slice along the other axis: dots.quantize_rows on w with ``axis`` last
+        q, scale = quantize_rows(jnp.moveaxis(w, axis, -1))
+        return jnp.moveaxis(q, -1, axis), scale[..., 0]
 
     def walk(tree, path):
         if path == ("wte",):
