@@ -23,6 +23,7 @@ from jax import lax
 
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.dots import int8_matmul_t, matmul_t, mixed_matmul, quantize_rows, vocab_chunked_nll
+from gpt2_jax.threefry import bernoulli
 
 
 class LayerCache(NamedTuple):
@@ -158,7 +159,7 @@ def dropout(x_B: jax.Array, rate: float, keys_B: jax.Array | None) -> jax.Array:
     """
     if keys_B is None or rate == 0.0:
         return x_B
-    keep_B = jax.vmap(lambda key: jax.random.bernoulli(key, 1.0 - rate, x_B.shape[1:]))(keys_B)
+    keep_B = jax.vmap(lambda key: bernoulli(key, 1.0 - rate, x_B.shape[1:]))(keys_B)  # jax.random's masks
     return jnp.where(keep_B, x_B / (1.0 - rate), 0.0).astype(x_B.dtype)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from gpt2_jax import GPT2, chunked_token_nll, cross_entropy_loss, forward, init_cache, init_params, token_nll
 from gpt2_jax.config import GPT2Config
+from gpt2_jax import threefry
 from gpt2_jax.model import attend
 
 
@@ -63,6 +64,27 @@ def test_deterministic_vs_dropout(micro_cfg):
     no_dropout = micro_cfg.replace(dropout=0.0, attn_dropout=0.0)
     np.testing.assert_allclose(forward(params, no_dropout, tokens, deterministic=False,
                                        rng=jax.random.PRNGKey(1)), a, atol=1e-6)
+
+
+def test_threefry_matches_the_published_test_vectors_and_draws_jax_randoms_bits_bit_for_bit():
+    # Threefry-2x32 (20 rounds) known-answer vectors, as in Random123 and JAX's own random tests.
+    for key, count, expected in [((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
+                                 ((0xFFFFFFFF,) * 2, (0xFFFFFFFF,) * 2, (0x1CB996FC, 0xBB002BE7)),
+                                 ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0))]:
+        y = threefry.threefry2x32(jnp.array(key, jnp.uint32), *(jnp.array([c], jnp.uint32) for c in count))
+        assert [int(w[0]) for w in y] == list(expected)
+    # The dropout masks are jax.random's, raw and typed keys, odd shapes, under jit and vmap.
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.PRNGKey(3), r))(jnp.arange(4))
+    for shape in [(1,), (7,), (3, 5, 129), (2, 16, 16)]:
+        np.testing.assert_array_equal(jax.jit(jax.vmap(lambda k: threefry.random_bits(k, shape)))(keys),
+                                      jax.vmap(lambda k: jax.random.bits(k, shape))(keys))
+        for p in (0.9, 0.5, 0.0):
+            np.testing.assert_array_equal(jax.vmap(lambda k: threefry.bernoulli(k, p, shape))(keys),
+                                          jax.vmap(lambda k: jax.random.bernoulli(k, p, shape))(keys))
+    typed = jax.random.key(11)
+    np.testing.assert_array_equal(threefry.random_bits(typed, (100,)), jax.random.bits(typed, (100,)))
+    keep = threefry.bernoulli(keys[0], 0.9, (200_000,))
+    assert abs(float(keep.mean()) - 0.9) < 0.003  # 4.5 standard deviations
 
 
 @pytest.mark.slow

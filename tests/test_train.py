@@ -67,6 +67,30 @@ def test_adamw_weight_decay_shrinks_matrices_and_leaves_biases_and_layernorm_unt
             np.testing.assert_array_equal(q, p)
 
 
+def test_clip_by_global_norm_gives_optaxs_updates_and_state_as_one_multiply():
+    grads = {"a": jnp.arange(6.0).reshape(2, 3) - 2.5, "b": {"c": jnp.array([0.5, -4.0])}}
+    norm = float(optax.global_norm(grads))
+    for max_norm in (2 * norm, norm / 3, norm / 1000):
+        ours, state = core.clip_by_global_norm(max_norm).update(grads, core.clip_by_global_norm(max_norm).init(grads))
+        ref, ref_state = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+        assert state == ref_state == optax.EmptyState()
+        if max_norm > norm:  # unclipped: the very same arrays' values
+            jax.tree.map(np.testing.assert_array_equal, ours, ref)
+        else:
+            jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), ours, ref)
+            np.testing.assert_allclose(float(optax.global_norm(ours)), max_norm, rtol=1e-6)
+    nan = core.clip_by_global_norm(1.0).update({"a": jnp.array([1.0, jnp.nan])}, optax.EmptyState())[0]
+    assert bool(jnp.isnan(nan["a"]).all())  # a non-finite norm is not hidden
+    zero = core.clip_by_global_norm(1.0).update({"a": jnp.zeros(3)}, optax.EmptyState())[0]
+    np.testing.assert_array_equal(zero["a"], jnp.zeros(3))
+    # The optimizer state keeps the tree optax's clip gave it: older checkpoints restore as before.
+    params = {"w": {"kernel": jnp.ones((2, 2))}}
+    cfg = core.TrainConfig(grad_clip=1.0)
+    chain = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(core.make_schedule(cfg, 10), mask=core.decay_mask))
+    ours = core.make_optimizer(cfg, 10)
+    assert jax.tree.structure(ours.init(params)) == jax.tree.structure(chain.init(params))
+
+
 def test_schedule_warms_up_linearly_to_the_peak_then_cosine_decays_to_the_final_fraction():
     cfg = core.TrainConfig(lr=1e-3, warmup_steps=10, final_lr_fraction=0.1)
     lr = core.make_schedule(cfg, 110)
