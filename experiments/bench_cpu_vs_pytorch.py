@@ -254,7 +254,7 @@ def environment(args) -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "jax": jax.__version__,
             "jax_backend": jax.default_backend(), "torch_threads": torch.get_num_threads(),
             "train_steps": args.train_steps, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
-            "repeats": args.repeats}
+            "repeats": args.repeats, "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
 def main() -> None:
@@ -289,4 +289,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from gpt2_jax.cli import rerun_with_huge_pages
+
+    rerun_with_huge_pages()  # as the gpt2_jax tools do; PyTorch runs in this same process, so under it too
     main()

@@ -276,4 +276,5 @@ def main(argv: Sequence[str]) -> int:
 OUT_OF_MEMORY = "lower --batch_size (train: or pass --remat; generate: or lower --new_tokens)"
 
 if __name__ == "__main__":
+    cli.rerun_with_huge_pages()
     cli.run(main, out_of_memory=OUT_OF_MEMORY)

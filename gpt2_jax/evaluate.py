@@ -203,4 +203,5 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
+    cli.rerun_with_huge_pages()
     cli.run(main, out_of_memory=OUT_OF_MEMORY)

@@ -26,7 +26,7 @@ from absl import logging as absl_logging
 from gpt2_jax import data, loop, parallel, pretrained, rundir
 from gpt2_jax import tokenizer as tokenizer_lib
 from gpt2_jax.checkpoint import Checkpoints, write_failed
-from gpt2_jax.cli import check, define_dtype_flag, parse_flags, resolve_dtype, run
+from gpt2_jax.cli import check, define_dtype_flag, parse_flags, rerun_with_huge_pages, resolve_dtype, run
 from gpt2_jax.config import PRESETS, GPT2Config
 from gpt2_jax.core import SCHEDULES, TrainConfig, total_steps, warmup_steps
 from gpt2_jax.errors import UserError
@@ -354,4 +354,5 @@ def _open_run(fv, cfg, train_cfg, record, run_dir, argv, source) -> tuple[data.C
 OUT_OF_MEMORY = "lower --batch_size (or --eval_batch_size) or pass --remat"
 
 if __name__ == "__main__":
+    rerun_with_huge_pages()
     run(main, out_of_memory=OUT_OF_MEMORY)

@@ -1,7 +1,10 @@
 """The CLI shell: out of memory is one line with the tool's advice; a folder flag naming a file says so."""
 
 import os
+import platform
 import re
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -143,3 +146,43 @@ def test_training_with_auto_resumes_in_the_dtype_the_run_recorded(tmp_path):
     assert train.training_dtype("bfloat16", tmp_path)[0] == "bfloat16"  # given: the config check decides
     dtype, why = cli.resolve_dtype("auto", "batched")
     assert train.training_dtype("auto", tmp_path / "new") == (dtype, f"auto: {why}")
+
+
+MADVISE = "always [madvise] never\n"
+
+
+@pytest.mark.parametrize("environ, libc, thp_mode, tunables", [
+    ({}, ("glibc", "2.36"), MADVISE, cli.HUGE_PAGES),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, ("glibc", "2.35"), MADVISE,
+     "glibc.malloc.arena_max=2:" + cli.HUGE_PAGES),  # the user's own tunables are kept
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, ("glibc", "2.36"), MADVISE, None),  # the user's choice
+    ({"GPT2_JAX_HUGE_PAGES": "0"}, ("glibc", "2.36"), MADVISE, None),  # opted out
+    ({}, ("glibc", "2.34"), MADVISE, None),  # no such tunable yet
+    ({}, ("", ""), MADVISE, None),  # musl and others
+    ({}, ("glibc", "2.36"), "always madvise [never]\n", None),  # no huge pages to ask for
+    ({}, ("glibc", "2.36"), "[always] madvise never\n", None),  # every mapping is huge already
+])
+def test_huge_pages_environment_adds_the_tunable_only_where_it_changes_something(environ, libc, thp_mode, tunables):
+    env = cli.huge_pages_environment({"PATH": "/bin", **environ}, libc=libc, thp_mode=thp_mode)
+    if tunables is None:
+        assert env is None
+    else:
+        assert env == {"PATH": "/bin", **environ, "GLIBC_TUNABLES": tunables}
+
+
+def test_rerun_with_huge_pages_runs_the_same_command_again_with_the_tunable(tmp_path):
+    try:
+        thp_mode = open(cli.THP_MODE).read()
+    except OSError:
+        thp_mode = ""
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "GPT2_JAX_HUGE_PAGES")}
+    code = ("import os, sys; from gpt2_jax import cli; print('before', os.getpid(), flush=True); "
+            "cli.rerun_with_huge_pages(); print('after', os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
+    out = subprocess.run([sys.executable, "-c", code, "--x=1"], env=env, capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    expected = cli.huge_pages_environment(env, libc=platform.libc_ver(), thp_mode=thp_mode)
+    pid = out[0].split()[1]
+    if expected is None:  # this machine: nothing to change, so no second run
+        assert out[:2] == [f"before {pid}", f"after {pid} None ['--x=1']"]
+    else:  # the same process (PID) ran the command again, from the start, with the tunable
+        assert out[:3] == [f"before {pid}", f"before {pid}", f"after {pid} {cli.HUGE_PAGES} ['--x=1']"]
