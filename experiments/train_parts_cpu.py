@@ -22,7 +22,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from gpt2_jax import bench, core, threefry
@@ -40,8 +39,8 @@ def best_ms(f, *args, repeats: int = 7) -> float:
     return round(1e3 * min(times), 2)
 
 
-def time_updates(optimizer, params, grads, steps: int = 5) -> float:
-    """Best ms of ``optimizer.update`` + ``apply_updates``, params and state donated as in training."""
+def time_updates(optimizer, params, grads, steps: int = 5) -> tuple[float, dict]:
+    """(best ms, the parameters after the last update) of ``optimizer.update`` + ``apply_updates``, params and state donated as in training."""
     update = jax.jit(lambda p, o, g: (lambda u, o: (optax.apply_updates(p, u), o))(*optimizer.update(g, o, p)),
                      donate_argnums=(0, 1))
     p, o = jax.tree.map(jnp.copy, params), optimizer.init(params)
@@ -95,5 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
     main()
