@@ -2,11 +2,13 @@
 
     python experiments/matvec_cpu.py     # writes experiments/results/bench/matvec_cpu.json
 
-For each weight shape of tiny and small (and the tied 32k head) at 1, 2 and 8 rows: float32 and bf16
-weights stored ``(in, out)`` (``x @ w``, the training layout) and ``(out, in)`` (``dots.matmul_t``,
-what ``decode.inference_params`` stores), int8 weight-only as ``model.Dense`` runs it (the int8 kernel
-widened inside the product), and, for reference, int8 x int8 with int32 accumulation and the rows
-quantized on the fly (what an activation-quantized int8 mode would run). Each form runs over enough
+For each weight shape of tiny and small (and the tied 32k head) at 1, 2, 8, 16 and 32 rows: float32
+and bf16 weights stored ``(in, out)`` (``x @ w``, the training layout) and ``(out, in)`` (what
+``decode.inference_params`` stores), the latter both as ``x @ wᵀ`` and with the weight as the left
+operand (``(w @ xᵀ)ᵀ``); int8 weight-only as ``model.Dense`` runs it (the int8 kernel widened inside
+the product); and int8 x int8 with int32 accumulation, the rows quantized on the fly
+(``--quantize=int8_dynamic``, ``dots.int8_matmul_t``), in both orders. ``dots.matmul_t`` and
+``dots.int8_matmul_t`` pick the faster order by these rows. Each form runs over enough
 distinct copies of the weight (256 MB in all, at most 64 copies) that a product rarely finds its weight in cache; the
 bytes read per product and the GB/s they imply stand beside this machine's measured streaming
 bandwidth. Best of 3 runs; the 1-minute load average is recorded.
@@ -24,31 +26,47 @@ import jax.numpy as jnp
 from jax import lax
 
 from gpt2_jax.bench import roofline
-from gpt2_jax.dots import matmul_t
+from gpt2_jax.dots import matmul_t, quantize_rows
 
 OUT = pathlib.Path(__file__).resolve().parent / "results" / "bench" / "matvec_cpu.json"
 SHAPES = {"tiny c_fc": (256, 1024), "tiny head": (256, 32000), "small c_fc": (768, 3072),
           "small c_proj (mlp)": (3072, 768), "small head": (768, 32000)}
 F32, BF16 = jnp.float32, jnp.bfloat16
+BATCHES = (1, 2, 8, 16, 32)
 
 
-def _product(x, w, contract_w):
+def _two_rows(x):
+    """One row as two (the copy dropped afterwards), as ``dots`` does: XLA:CPU has no bf16 or int8
+    matrix-vector kernel, and a lone row runs at a tenth of the speed."""
+    return jnp.concatenate([x, x]) if x.shape[0] == 1 else x
+
+
+def _x_first(x, w, contract_w):
     return lax.dot_general(x, w, (((1,), (contract_w,)), ((), ())), preferred_element_type=F32)
 
 
-def _int8_dynamic(x, w8_OI):
-    scale_N1 = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True), 1e-12) / 127
-    xq = jnp.round(x / scale_N1).astype(jnp.int8)
-    return lax.dot_general(xq, w8_OI, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32) * scale_N1
+def _w_first(x, w_OI):
+    return lax.dot_general(w_OI, _two_rows(x), (((1,), (1,)), ((), ())), preferred_element_type=F32).T
+
+
+def _int8_dynamic(x, w8_OI, weight_first: bool):
+    q, scale_M1 = quantize_rows(_two_rows(x))
+    if weight_first:
+        acc = lax.dot_general(w8_OI, q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32).T
+    else:
+        acc = lax.dot_general(q, w8_OI, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    return acc * scale_M1
 
 
 FORMS = {  # name: (weight dtype, layout, x dtype, product)
-    "float32 (in,out)": (F32, "IO", F32, lambda x, w: _product(x, w, 0)),
-    "float32 (out,in)": (F32, "OI", F32, matmul_t),
-    "bf16 (in,out)": (BF16, "IO", BF16, lambda x, w: _product(x, w, 0)),
-    "bf16 (out,in)": (BF16, "OI", BF16, matmul_t),
+    "float32 (in,out)": (F32, "IO", F32, lambda x, w: _x_first(x, w, 0)),
+    "float32 (out,in)": (F32, "OI", F32, lambda x, w: _x_first(x, w, 1)),
+    "bf16 (in,out)": (BF16, "IO", BF16, lambda x, w: _x_first(_two_rows(x), w, 0)),
+    "bf16 (out,in) x@wT": (BF16, "OI", BF16, lambda x, w: _x_first(_two_rows(x), w, 1)),
+    "bf16 (out,in) w@xT": (BF16, "OI", BF16, _w_first),
     "int8 weight-only (out,in)": (jnp.int8, "OI", BF16, matmul_t),
-    "int8 x int8 dynamic (out,in)": (jnp.int8, "OI", F32, _int8_dynamic),
+    "int8 x int8 dynamic x@wT": (jnp.int8, "OI", F32, lambda x, w: _int8_dynamic(x, w, False)),
+    "int8 x int8 dynamic w@xT": (jnp.int8, "OI", F32, lambda x, w: _int8_dynamic(x, w, True)),
 }
 
 
@@ -68,7 +86,7 @@ def main() -> None:
     rows = []
     for name, (d_in, d_out) in SHAPES.items():
         w_IO = jax.random.normal(jax.random.PRNGKey(0), (d_in, d_out)) * 0.02
-        for batch in (1, 2, 8):
+        for batch in BATCHES:
             row = {"shape": name, "d_in": d_in, "d_out": d_out, "batch": batch, "load": round(os.getloadavg()[0], 2)}
             for form_name, (w_dtype, layout, x_dtype, form) in FORMS.items():
                 w = w_IO if layout == "IO" else w_IO.T

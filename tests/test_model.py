@@ -277,7 +277,7 @@ def test_mixed_matmul_value_and_gradients_are_the_plain_products(dtype, rtol):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 70])
+@pytest.mark.parametrize("rows", [1, 2, 3, 70])  # both orders of the product (dots.matmul_t)
 def test_matmul_t_is_x_times_the_transposed_weight(dtype, rows):
     from gpt2_jax.dots import matmul_t
 

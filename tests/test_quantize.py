@@ -158,7 +158,7 @@ def test_bench_generate_reports_a_quarter_of_the_weight_bytes_with_int8(micro_cf
     assert q8_dynamic["weight_bytes"] == q8["weight_bytes"] and q8_dynamic["quantize"] == "int8_dynamic"
 
 
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 20])  # both orders of the product (dots.int8_matmul_t)
 def test_int8_matmul_t_is_the_int8_product_of_the_rows_quantized_to_int8(rows):
     from gpt2_jax.dots import int8_matmul_t
 
