@@ -2,7 +2,7 @@
 
     python experiments/matvec_cpu.py     # writes experiments/results/bench/matvec_cpu.json
 
-For each weight shape of tiny and small (and the tied 32k head) at 1, 2, 8, 16 and 32 rows: float32
+For each weight shape of tiny and small (and the tied 32k head) at 1, 2, 8, 16, 32 and 64 rows: float32
 and bf16 weights stored ``(in, out)`` (``x @ w``, the training layout) and ``(out, in)`` (what
 ``decode.inference_params`` stores), the latter both as ``x @ wᵀ`` and with the weight as the left
 operand (``(w @ xᵀ)ᵀ``); int8 weight-only as ``model.Dense`` runs it (the int8 kernel widened inside
@@ -32,7 +32,7 @@ OUT = pathlib.Path(__file__).resolve().parent / "results" / "bench" / "matvec_cp
 SHAPES = {"tiny c_fc": (256, 1024), "tiny head": (256, 32000), "small c_fc": (768, 3072),
           "small c_proj (mlp)": (3072, 768), "small head": (768, 32000)}
 F32, BF16 = jnp.float32, jnp.bfloat16
-BATCHES = (1, 2, 8, 16, 32)
+BATCHES = (1, 2, 8, 16, 32, 64)
 
 
 def _two_rows(x):
@@ -45,14 +45,16 @@ def _x_first(x, w, contract_w):
     return lax.dot_general(x, w, (((1,), (contract_w,)), ((), ())), preferred_element_type=F32)
 
 
-def _w_first(x, w_OI):
-    return lax.dot_general(w_OI, _two_rows(x), (((1,), (1,)), ((), ())), preferred_element_type=F32).T
+def _w_first(x, w_OI, accumulator=F32):
+    """The weight as the left operand; the barrier keeps XLA from folding the transpose into ``x @ wᵀ``."""
+    y = lax.dot_general(w_OI, x, (((1,), (1,)), ((), ())), preferred_element_type=accumulator)
+    return lax.optimization_barrier(y).T
 
 
 def _int8_dynamic(x, w8_OI, weight_first: bool):
     q, scale_M1 = quantize_rows(_two_rows(x))
     if weight_first:
-        acc = lax.dot_general(w8_OI, q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32).T
+        acc = _w_first(q, w8_OI, jnp.int32)
     else:
         acc = lax.dot_general(q, w8_OI, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
     return acc * scale_M1
@@ -60,10 +62,11 @@ def _int8_dynamic(x, w8_OI, weight_first: bool):
 
 FORMS = {  # name: (weight dtype, layout, x dtype, product)
     "float32 (in,out)": (F32, "IO", F32, lambda x, w: _x_first(x, w, 0)),
-    "float32 (out,in)": (F32, "OI", F32, lambda x, w: _x_first(x, w, 1)),
+    "float32 (out,in) x@wT": (F32, "OI", F32, lambda x, w: _x_first(x, w, 1)),
+    "float32 (out,in) w@xT": (F32, "OI", F32, _w_first),
     "bf16 (in,out)": (BF16, "IO", BF16, lambda x, w: _x_first(_two_rows(x), w, 0)),
     "bf16 (out,in) x@wT": (BF16, "OI", BF16, lambda x, w: _x_first(_two_rows(x), w, 1)),
-    "bf16 (out,in) w@xT": (BF16, "OI", BF16, _w_first),
+    "bf16 (out,in) w@xT": (BF16, "OI", BF16, lambda x, w: _w_first(_two_rows(x), w)),
     "int8 weight-only (out,in)": (jnp.int8, "OI", BF16, matmul_t),
     "int8 x int8 dynamic x@wT": (jnp.int8, "OI", F32, lambda x, w: _int8_dynamic(x, w, False)),
     "int8 x int8 dynamic w@xT": (jnp.int8, "OI", F32, lambda x, w: _int8_dynamic(x, w, True)),

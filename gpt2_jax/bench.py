@@ -202,7 +202,7 @@ def bench_generate(cfg: GPT2Config, *, batch_size: int, prompt_len: int, new_tok
 def _define_flags(command: str = "train") -> flags.FlagValues:
     fv = flags.FlagValues()
     flags.DEFINE_enum("size", "tiny", list(PRESETS), "Model preset.", flag_values=fv)
-    cli.define_dtype_flag(fv, workload="decode" if command == "generate" else "batched")
+    cli.define_dtype_flag(fv)
     cli.define_quantize_flag(fv)  # generate only
     flags.DEFINE_integer("batch_size", None, "Global batch (default: 32 train, 1 generate).", lower_bound=1,
                          flag_values=fv)
@@ -245,7 +245,7 @@ def main(argv: Sequence[str]) -> int:
         raise UserError(f"--prompt_len={fv.prompt_len} exceeds the {fv.size} preset's context of {n_ctx} tokens")
     if command == "train" and fv.quantize != "none":
         raise UserError("--quantize applies to bench generate (inference); drop it for bench train")
-    dtype, why = cli.resolve_dtype(fv.dtype, "decode" if command == "generate" else "batched")
+    dtype, why = cli.resolve_dtype(fv.dtype)
     overrides = dict(dtype=dtype, remat=fv.remat, attention=fv.attention)
     if fv.dropout is not None:
         overrides.update(dropout=fv.dropout, attn_dropout=fv.dropout)

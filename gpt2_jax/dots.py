@@ -149,26 +149,35 @@ def vocab_chunked_nll(x_ND: jax.Array, w_VD: jax.Array, t_N: jax.Array, *, vocab
 
 
 def _weight_first(w_OI: jax.Array, x_MI: jax.Array, accumulator) -> jax.Array:
-    """``x_MI @ w_OIᵀ`` computed as ``(w_OI @ x_MIᵀ)ᵀ``: the weight as the product's left operand."""
-    return lax.dot_general(w_OI, x_MI, (((1,), (1,)), ((), ())), preferred_element_type=accumulator).T
+    """``x_MI @ w_OIᵀ`` computed as ``(w_OI @ x_MIᵀ)ᵀ``: the weight as the product's left operand.
+
+    The barrier keeps XLA from folding the transpose back into the dot, which would turn it into
+    ``x @ wᵀ`` again (its algebraic simplifier does, and the compiled program is then the same).
+    """
+    y_OM = lax.dot_general(w_OI, x_MI, (((1,), (1,)), ((), ())), preferred_element_type=accumulator)
+    return lax.optimization_barrier(y_OM).T
+
+
+WEIGHT_FIRST_ROWS = 64  # up to this many rows, decoding's products put the weight on the left
+INT8_WEIGHT_FIRST_ROWS = 16
 
 
 def matmul_t(x_NI: jax.Array, w_OI: jax.Array) -> jax.Array:
     """``x_NI @ w_OIᵀ`` in float32 for inference, the weight (stored ``(out, in)``) used in ``x``'s dtype.
 
-    Decoding's products read every weight for a few rows, and read an ``(out, in)`` weight faster
-    (small's ``c_fc`` shape, weights read from memory, ``experiments/matvec_cpu.py`` on the 2-core Xeon
-    with AMX: bf16 at 2 rows 325 us against 519 for ``(in, out)``, float32 at 8 rows 750 against 935).
-    In bf16, one or two rows go faster still with the weight as the left operand (``w @ xᵀ``, then
-    transposed): 220 against 319 us at ``c_fc``, 2.1 against 3.2 ms at the 32k head. One bf16 row is
-    computed as two (the copy dropped): XLA:CPU has no bf16 matrix-vector kernel, and a lone row runs
-    at a tenth of the speed in either order. Float32 and more rows keep ``x @ wᵀ``.
+    Decoding's products read every weight for a few rows. Up to ``WEIGHT_FIRST_ROWS`` rows they run
+    with the weight as the left operand (``(w @ xᵀ)ᵀ``), which XLA:CPU reads faster than ``x @ wᵀ``
+    (``experiments/matvec_cpu.py``, weights read from memory, 2-core Xeon with AMX, small's shapes:
+    bf16 ``c_fc`` 1-64 rows 203-310 us against 299-428, the 32k head 2.1-3.2 ms against 3.0-5.0;
+    float32 ``c_proj`` at 8 rows 428 against 942 us). One bf16 row is computed as two (the copy
+    dropped): XLA:CPU has no bf16 matrix-vector kernel, and a lone row runs at a tenth of the speed.
+    More rows (prefill) keep ``x @ wᵀ``.
     """
     N = x_NI.shape[0]
     w_OI = w_OI.astype(x_NI.dtype)
-    if x_NI.dtype == F32 or N > 2:
+    if N > WEIGHT_FIRST_ROWS:
         return _product(x_NI, w_OI, 1, 1)
-    x_MI = jnp.concatenate([x_NI, x_NI]) if N == 1 else x_NI
+    x_MI = jnp.concatenate([x_NI, x_NI]) if N == 1 and x_NI.dtype != F32 else x_NI
     return _weight_first(w_OI, x_MI, F32)[:N]
 
 
@@ -176,14 +185,14 @@ def int8_matmul_t(x_NI: jax.Array, w8_OI: jax.Array) -> jax.Array:
     """``x_NI @ w8_OIᵀ`` in float32 with each row of ``x`` quantized to int8 on the fly (dynamic
     quantization: ``x ≈ q · s``, ``s = max|row| / 127``), multiplied int8 x int8 with int32 accumulation
     and rescaled by ``s``; the weight's own scales are the caller's. XLA:CPU runs this product on its
-    int8 kernels, fastest for up to 16 rows with the weight as the left operand (small's ``c_fc``, two
-    rows, ``experiments/matvec_cpu.py``: 136 us against 209 for ``x @ wᵀ``, 220 in bf16; 8 rows 150
-    against 224; the 32k head 1.2 against 2.0 ms); from 32 rows ``x @ wᵀ`` is as fast or faster. One
+    int8 kernels, fastest up to ``INT8_WEIGHT_FIRST_ROWS`` rows with the weight as the left operand
+    (``experiments/matvec_cpu.py``, small's ``c_fc`` at 2 rows: 139 us against 208 for ``x @ wᵀ`` and
+    203 in bf16; the 32k head 1.2 against 2.0 ms); from 32 rows ``x @ wᵀ`` is as fast or faster. One
     row is computed as two, as in ``matmul_t``.
     """
     N = x_NI.shape[0]
     q_MI, scale_M1 = quantize_rows(jnp.concatenate([x_NI, x_NI]) if N == 1 else x_NI)
-    if N <= 16:
+    if N <= INT8_WEIGHT_FIRST_ROWS:
         acc_MO = _weight_first(w8_OI, q_MI, jnp.int32)
     else:
         acc_MO = lax.dot_general(q_MI, w8_OI, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)

@@ -138,7 +138,7 @@ def _define_flags() -> flags.FlagValues:
     fv = flags.FlagValues()
     pretrained.define_model_flags(fv, "evaluate")
     # float32 unless asked: perplexities comparable across machines and with the training curves
-    cli.define_dtype_flag(fv, "float32", workload="batched")
+    cli.define_dtype_flag(fv, "float32")
     cli.define_quantize_flag(fv)
     flags.DEFINE_enum("split", "test", list(SPLIT_ALIASES), "Split to score (valid is an alias of validation).",
                       flag_values=fv)
@@ -165,7 +165,7 @@ def _define_flags() -> flags.FlagValues:
 def main(argv: Sequence[str]) -> int:
     fv = cli.parse_flags(_define_flags(), argv, DESCRIPTION)
     model = pretrained.load_model(fv.run_dir, fv.hf_dir, fv.step)
-    cfg = model.cfg.replace(dtype=cli.resolve_dtype(fv.dtype, "batched")[0])
+    cfg = model.cfg.replace(dtype=cli.resolve_dtype(fv.dtype)[0])
     params, tokenizer = model.params, model.tokenizer
     if fv.quantize == "int8":
         params = quantize_int8(params)

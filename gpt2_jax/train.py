@@ -106,7 +106,7 @@ def _define_flags() -> flags.FlagValues:
     flags.DEFINE_integer("seed", d.seed, "seed of the parameters, dropout and data order", flag_values=fv)
     flags.DEFINE_float("dropout", None, "dropout on embeddings, residual branches and attention "
                        "(default: the preset's, 0.1)", flag_values=fv)
-    define_dtype_flag(fv, workload="batched")
+    define_dtype_flag(fv)
     flags.DEFINE_boolean("remat", False, "recompute activations in the backward pass (less memory)", flag_values=fv)
     for name, help_ in (("vocab_size", "BPE vocabulary"), ("n_ctx", "context = training sequence length"),
                         ("n_layer", "layers"), ("d_model", "model width"), ("n_head", "attention heads"),
@@ -216,7 +216,7 @@ def training_dtype(requested: str, run_dir: pathlib.Path) -> tuple[str, str]:
         recorded = (rundir.read_run_json(run_dir).get("model") or {}).get("dtype")
         if recorded in ("float32", "bfloat16"):
             return recorded, f"auto: as {run_dir / rundir.RUN_FILE} recorded"
-    dtype, why = resolve_dtype(requested, "batched")
+    dtype, why = resolve_dtype(requested)
     return dtype, why if requested != "auto" else f"auto: {why}"
 
 

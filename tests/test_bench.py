@@ -74,7 +74,7 @@ def test_generate_bench_prints_one_consistent_json_line_last():
     assert r["new_tokens_per_s"] * r["ms_per_token"] / 1e3 == pytest.approx(2, rel=0.01)
     assert r["time_to_first_token_ms"] > 0 and r["compile_s"] > 0
     # Each decode step reads all weights once: the fraction of the measured bandwidth that is.
-    assert r["weight_bytes"] == 11_384_320 * 4
+    assert r["weight_bytes"] == 11_384_320 * {"float32": 4, "bfloat16": 2}[r["dtype"]]
     assert r["pct_of_bandwidth"] == pytest.approx(
         100 * r["weight_bytes"] * r["new_tokens_per_s"] / 2 / (r["roofline"]["memory_gbps"] * 1e9), abs=0.1)
 

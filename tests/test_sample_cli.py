@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import decode
+from gpt2_jax import cli, decode
 from gpt2_jax import memory, pretrained
 from gpt2_jax import sample as sample_lib
 from gpt2_jax.cli import run
@@ -153,7 +153,7 @@ def test_stop_at_eos_trims_the_continuation_at_end_of_text(eos_run_dir):
 @pytest.mark.slow
 def test_many_samples_beyond_free_memory_print_exactly_the_text_of_one_call(run_dir, monkeypatch):
     flags = [f"--run_dir={run_dir}", "--method=nucleus", f"--prompt={PROMPT}", "--prompt=In 1990", "--num_samples=3",
-             "--max_new_tokens=12", "--seed=4"]
+             "--max_new_tokens=12", "--seed=4", "--dtype=float32"]  # the dtype the sizes below are taken in
     whole = _main(*flags).text
     loaded, real = pretrained.load_run(run_dir), decode._generate_jit
     shape = lambda *s: jax.ShapeDtypeStruct(s, np.int32)
@@ -268,9 +268,8 @@ def test_dtype_bfloat16_decodes_with_bf16_weights_and_says_so(run_dir, tokenizer
                               max_new_tokens=20, method="greedy"))[0]
     assert tokenizer.decode(out.tolist(), skip_special_tokens=False) in text
     fv = sample_lib.define_flags()
-    fv(["sample", f"--run_dir={run_dir}"])  # auto on CPU: float32 (see cli.auto_dtype)
-    if jax.default_backend() == "cpu":
-        assert sample_lib._load_model(fv).cfg.dtype == "float32"
+    fv(["sample", f"--run_dir={run_dir}"])  # auto: this device's dtype (cli.auto_dtype)
+    assert sample_lib._load_model(fv).cfg.dtype == cli.resolve_dtype("auto")[0]
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int8_dynamic"])
@@ -278,7 +277,7 @@ def test_quantize_int8_samples_from_int8_weights_and_says_so(run_dir, tokenizer,
     fv = sample_lib.define_flags()
     fv(["sample", f"--run_dir={run_dir}", f"--quantize={quantize}"])
     model = sample_lib._load_model(fv)
-    assert model.description.endswith(f"{quantize} weights, float32")
+    assert model.description.endswith(f"{quantize} weights, {cli.resolve_dtype('auto')[0]}")
     assert model.params["h_0"]["mlp"]["c_fc"]["kernel_OI"].dtype == np.int8  # (out, in): decode.inference_params
     assert model.params["wte"]["embedding"].dtype == np.int8 and model.params["wte"]["int8_scale"].dtype == np.float32
     assert model.cfg.int8_activations == (quantize == "int8_dynamic")
