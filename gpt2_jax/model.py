@@ -22,7 +22,7 @@ import optax
 from jax import lax
 
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.dots import int8_matmul_t, matmul_t, mixed_matmul, quantize_rows, vocab_chunked_nll
+from gpt2_jax.dots import int8_matmul_t, matmul_t, mixed_matmul, mixed_matmul_nt, quantize_rows, vocab_chunked_nll
 from gpt2_jax.threefry import bernoulli
 
 
@@ -139,7 +139,7 @@ def attend(
         assert T == S, (T, S)
         mask_BTS = jnp.tril(jnp.ones((T, S), bool))[None]
     scale = 1.0 / math.sqrt(q_BHTK.shape[-1])
-    scores_BHTS = mixed_matmul(q_BHTK, jnp.swapaxes(k_BHSK, 2, 3))
+    scores_BHTS = mixed_matmul_nt(q_BHTK, k_BHSK)
     scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * scale, jnp.finfo(jnp.float32).min)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
     probs_BHTS = dropout(probs_BHTS, dropout_rate if use_dropout else 0.0, dropout_keys_B).astype(v_BHSK.dtype)

@@ -276,6 +276,25 @@ def test_mixed_matmul_value_and_gradients_are_the_plain_products(dtype, rtol):
     np.testing.assert_allclose(dw, x32.T @ g_NO, atol=rtol * scale(x32.T @ g_NO))
 
 
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 0.02)])
+def test_mixed_matmul_nt_value_and_gradients_are_the_plain_products(dtype, rtol):
+    from gpt2_jax.dots import mixed_matmul_nt
+
+    q_GTK = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 8), dtype)  # (batch, heads, T, K)
+    k_GSK = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 7, 8), dtype)
+    g_GTS = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 5, 7))
+    y, vjp = jax.vjp(mixed_matmul_nt, q_GTK, k_GSK)
+    dq, dk = vjp(g_GTS)
+    q32, k32 = q_GTK.astype(jnp.float32), k_GSK.astype(jnp.float32)
+    assert y.shape == (2, 3, 5, 7) and y.dtype == jnp.float32 and dq.dtype == dk.dtype == dtype
+    np.testing.assert_allclose(y, jnp.einsum("gtk,gsk->gts", q32.reshape(6, 5, 8), k32.reshape(6, 7, 8)).reshape(y.shape),
+                               rtol=1e-5, atol=1e-5)
+    scale = lambda a: float(jnp.abs(a).max())
+    want_dq, want_dk = g_GTS @ k32, jnp.swapaxes(g_GTS, 2, 3) @ q32
+    np.testing.assert_allclose(dq.astype(jnp.float32), want_dq, atol=rtol * scale(want_dq))
+    np.testing.assert_allclose(dk.astype(jnp.float32), want_dk, atol=rtol * scale(want_dk))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 70])  # both orders of the product (dots.matmul_t)
 def test_matmul_t_is_x_times_the_transposed_weight(dtype, rows):

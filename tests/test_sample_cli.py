@@ -87,12 +87,14 @@ def _main(*flags):
 
 
 def _expected_text(run_dir, tokenizer, method, *, seed=0, n=20, **kw):
-    """The CLI's contract restated: prompt + generate's continuation for the method's seed stream."""
+    """The CLI's contract restated: prompt + generate's continuation for the method's seed stream, in the
+    dtype --dtype=auto picks on this machine (bfloat16 where the CPU has native bf16 dots)."""
     loaded = pretrained.load_run(run_dir)
+    cfg = loaded.cfg.replace(dtype=cli.resolve_dtype("auto")[0])
+    params = decode.inference_params(loaded.params, cfg, "none")
     ids = tokenizer.encode(PROMPT).ids
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), METHODS.index(method))
-    out = np.asarray(generate(loaded.params, loaded.cfg, np.asarray([ids]), max_new_tokens=n, method=method, rng=rng,
-                              **kw))[0]
+    out = np.asarray(generate(params, cfg, np.asarray([ids]), max_new_tokens=n, method=method, rng=rng, **kw))[0]
     return tokenizer.decode(out.tolist(), skip_special_tokens=False)
 
 
