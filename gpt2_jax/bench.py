@@ -245,7 +245,7 @@ def main(argv: Sequence[str]) -> int:
         raise UserError(f"--prompt_len={fv.prompt_len} exceeds the {fv.size} preset's context of {n_ctx} tokens")
     if command == "train" and fv.quantize != "none":
         raise UserError("--quantize applies to bench generate (inference); drop it for bench train")
-    dtype, why = cli.resolve_dtype(fv.dtype)
+    dtype, why = cli.resolve_dtype(fv.dtype, "decode" if command == "generate" else "batched")
     overrides = dict(dtype=dtype, remat=fv.remat, attention=fv.attention)
     if fv.dropout is not None:
         overrides.update(dropout=fv.dropout, attn_dropout=fv.dropout)

@@ -49,10 +49,11 @@ BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 def define_dtype_flag(flag_values: flags.FlagValues, default: str = "auto") -> None:
-    """``--dtype`` (auto, float32, bfloat16); ``resolve_dtype(value)`` settles auto."""
+    """``--dtype`` (auto, float32, bfloat16); ``resolve_dtype(value, workload)`` settles auto."""
     flags.DEFINE_enum("dtype", default, ["auto", "float32", "bfloat16"], "compute dtype; parameters stay "
-                      "float32 and softmax, LayerNorm and the loss run in float32. auto: bfloat16 on GPU/TPU and "
-                      "on CPUs with AVX512-BF16 or AMX, float32 elsewhere", flag_values=flag_values)
+                      "float32 and softmax, LayerNorm and the loss run in float32. auto: bfloat16 on GPU/TPU; on "
+                      "CPU bfloat16 for training and evaluation with AVX512-BF16 or AMX, for decoding only with "
+                      "AMX; float32 elsewhere", flag_values=flag_values)
 
 
 def define_quantize_flag(flag_values: flags.FlagValues) -> None:
@@ -73,15 +74,19 @@ def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
-def auto_dtype(*, platform: str, compute_capability: str | None = None,
+def auto_dtype(workload: str, *, platform: str, compute_capability: str | None = None,
                cpu_flags: frozenset[str] = frozenset()) -> tuple[str, str]:
-    """(dtype, why) that ``--dtype=auto`` means on a ``platform`` ("cpu", "gpu", "tpu") device.
+    """(dtype, why) that ``--dtype=auto`` means for ``workload`` ("batched": training and evaluation,
+    "decode": a few rows per step) on a ``platform`` ("cpu", "gpu", "tpu") device.
 
-    On a CPU with native bf16 dots this holds for decoding too, since ``dots.matmul_t`` reads bf16
-    weights as the product's left operand (small at batch 1, 2-core Xeon with AMX: 73 new tokens/s
-    in bf16 against 50 in float32; only a model whose float32 weights sit in cache, tiny's 45 MB,
-    decodes about a tenth faster in float32).
+    On CPU, decoding's products have a handful of rows and are bound by reading the weights, which bf16
+    halves, but XLA:CPU reads bf16 weights that fast only through AMX. Greedy new tokens/s, bf16 against
+    float32: 2-core Xeon with AMX, small at batch 1, 73 against 50 (``bench generate``, commit 3385d3a);
+    2-core EPYC (Zen 4) with AVX512-BF16 and no AMX, ``experiments/bench_cpu_vs_pytorch.py``: small 51
+    against 55 (batch 8: 281 against 319), tiny 319 against 477 (batch 8: 1,664 against 1,815), while its
+    training runs 1.8-2.1x faster in bf16.
     """
+    assert workload in ("batched", "decode"), workload
     if platform == "tpu":
         return "bfloat16", "TPU"
     if platform == "gpu":
@@ -89,18 +94,23 @@ def auto_dtype(*, platform: str, compute_capability: str | None = None,
         if cc >= (8, 0):
             return "bfloat16", f"GPU of compute capability {compute_capability or 'unknown'}"
         return "float32", f"GPU of compute capability {compute_capability}: no bf16 tensor cores"
+    if workload == "decode":
+        if "amx_bf16" in cpu_flags:
+            return "bfloat16", "CPU decoding with amx_bf16"
+        return "float32", "CPU decoding without AMX: XLA:CPU reads bf16 weights no faster than float32 there"
     native = sorted(cpu_flags & BF16_CPU_FLAGS)
     if native:
         return "bfloat16", f"CPU with {' and '.join(native)}"
     return "float32", "CPU without AVX512-BF16 or AMX"
 
 
-def resolve_dtype(requested: str) -> tuple[str, str]:
-    """``(dtype, why)``: ``requested`` itself, or what auto means on this process's first device."""
+def resolve_dtype(requested: str, workload: str) -> tuple[str, str]:
+    """``(dtype, why)``: ``requested`` itself, or what auto means for ``workload`` on this process's first
+    device (``auto_dtype``)."""
     if requested != "auto":
         return requested, "--dtype"
     device = jax.local_devices()[0]
-    return auto_dtype(platform=device.platform, cpu_flags=cpu_flags(),
+    return auto_dtype(workload, platform=device.platform, cpu_flags=cpu_flags(),
                       compute_capability=getattr(device, "compute_capability", None))
 
 

@@ -165,7 +165,7 @@ def _define_flags() -> flags.FlagValues:
 def main(argv: Sequence[str]) -> int:
     fv = cli.parse_flags(_define_flags(), argv, DESCRIPTION)
     model = pretrained.load_model(fv.run_dir, fv.hf_dir, fv.step)
-    cfg = model.cfg.replace(dtype=cli.resolve_dtype(fv.dtype)[0])
+    cfg = model.cfg.replace(dtype=cli.resolve_dtype(fv.dtype, "batched")[0])
     params, tokenizer = model.params, model.tokenizer
     if fv.quantize == "int8":
         params = quantize_int8(params)

@@ -98,7 +98,7 @@ def _load_model(fv: flags.FlagValues) -> LoadedModel:
     """Weights, config and tokenizer named by the flags (a run at --step, or --hf_dir)."""
     loaded = pretrained.load_model(fv.run_dir, fv.hf_dir, fv.step)  # checks vocab sizes match
     where = f"{fv.hf_dir} (Hugging Face)" if fv.hf_dir else f"{loaded.run_dir} step {loaded.step}"
-    cfg = inference_config(loaded.cfg.replace(dtype=resolve_dtype(fv.dtype)[0]), fv.quantize)
+    cfg = inference_config(loaded.cfg.replace(dtype=resolve_dtype(fv.dtype, "decode")[0]), fv.quantize)
     weights = cfg.dtype if fv.quantize == "none" else f"{fv.quantize} weights, {cfg.dtype}"
     return LoadedModel(cfg, inference_params(loaded.params, cfg, fv.quantize), loaded.tokenizer,
                        loaded.tokenizer.token_to_id(tokenizer.EOT), f"{where}, {weights}")

@@ -216,7 +216,7 @@ def training_dtype(requested: str, run_dir: pathlib.Path) -> tuple[str, str]:
         recorded = (rundir.read_run_json(run_dir).get("model") or {}).get("dtype")
         if recorded in ("float32", "bfloat16"):
             return recorded, f"auto: as {run_dir / rundir.RUN_FILE} recorded"
-    dtype, why = resolve_dtype(requested)
+    dtype, why = resolve_dtype(requested, "batched")
     return dtype, why if requested != "auto" else f"auto: {why}"
 
 

@@ -106,20 +106,36 @@ def test_a_folder_flag_naming_a_file_is_one_line_and_the_file_is_untouched(tool,
 
 # ------------------------------------------------------------------------------------- --dtype=auto
 
-@pytest.mark.parametrize("platform, cc, flags_, expected", [
-    ("tpu", None, set(), "bfloat16"),
-    ("gpu", "9.0", set(), "bfloat16"),
-    ("gpu", "8.6", set(), "bfloat16"),
-    ("gpu", "7.0", set(), "float32"),  # V100: no bf16 tensor cores
-    ("cpu", None, {"avx512f", "avx512_bf16"}, "bfloat16"),
-    ("cpu", None, {"avx512f", "amx_bf16", "amx_tile"}, "bfloat16"),
-    ("cpu", None, {"avx2", "avx512f", "avx512_vnni"}, "float32"),
-    ("cpu", None, set(), "float32"),
+AVX512_BF16 = {"avx512f", "avx512_bf16"}
+AMX = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+
+
+@pytest.mark.parametrize("workload, platform, cc, flags_, expected", [
+    ("batched", "tpu", None, set(), "bfloat16"),
+    ("batched", "gpu", "9.0", set(), "bfloat16"),
+    ("batched", "gpu", "8.6", set(), "bfloat16"),
+    ("batched", "gpu", "7.0", set(), "float32"),  # V100: no bf16 tensor cores
+    ("batched", "cpu", None, AVX512_BF16, "bfloat16"),
+    ("batched", "cpu", None, AMX, "bfloat16"),
+    ("batched", "cpu", None, {"avx2", "avx512f", "avx512_vnni"}, "float32"),
+    ("batched", "cpu", None, set(), "float32"),
+    ("decode", "tpu", None, set(), "bfloat16"),
+    ("decode", "gpu", "9.0", set(), "bfloat16"),
+    ("decode", "gpu", "7.0", set(), "float32"),
+    ("decode", "cpu", None, AVX512_BF16, "float32"),  # Zen 4: bf16 weights read no faster than float32
+    ("decode", "cpu", None, AMX, "bfloat16"),
+    ("decode", "cpu", None, set(), "float32"),
 ])
-def test_auto_dtype_is_bf16_only_where_the_hardware_has_native_bf16_dots(platform, cc, flags_, expected):
-    dtype, why = cli.auto_dtype(platform=platform, compute_capability=cc, cpu_flags=frozenset(flags_))
+def test_auto_dtype_is_bf16_only_where_the_hardware_runs_that_workload_faster_in_it(workload, platform, cc,
+                                                                                     flags_, expected):
+    dtype, why = cli.auto_dtype(workload, platform=platform, compute_capability=cc, cpu_flags=frozenset(flags_))
     assert dtype == expected
     assert why and "\n" not in why
+
+
+def test_auto_dtype_rejects_an_unknown_workload():
+    with pytest.raises(AssertionError):
+        cli.auto_dtype("serving", platform="cpu")
 
 
 def test_cpu_flags_are_read_from_cpuinfo_and_empty_without_one(tmp_path):
@@ -129,13 +145,14 @@ def test_cpu_flags_are_read_from_cpuinfo_and_empty_without_one(tmp_path):
     assert cli.cpu_flags(tmp_path / "missing") == frozenset()
 
 
-def test_resolve_dtype_keeps_a_given_dtype_and_settles_auto_by_this_device():
-    assert cli.resolve_dtype("float32") == ("float32", "--dtype")
-    assert cli.resolve_dtype("bfloat16") == ("bfloat16", "--dtype")
+@pytest.mark.parametrize("workload", ["batched", "decode"])
+def test_resolve_dtype_keeps_a_given_dtype_and_settles_auto_by_this_device(workload):
+    assert cli.resolve_dtype("float32", workload) == ("float32", "--dtype")
+    assert cli.resolve_dtype("bfloat16", workload) == ("bfloat16", "--dtype")
     device = jax.local_devices()[0]
-    expected = cli.auto_dtype(platform=device.platform, cpu_flags=cli.cpu_flags(),
+    expected = cli.auto_dtype(workload, platform=device.platform, cpu_flags=cli.cpu_flags(),
                               compute_capability=getattr(device, "compute_capability", None))
-    assert cli.resolve_dtype("auto") == expected
+    assert cli.resolve_dtype("auto", workload) == expected
 
 
 def test_training_with_auto_resumes_in_the_dtype_the_run_recorded(tmp_path):
@@ -144,7 +161,7 @@ def test_training_with_auto_resumes_in_the_dtype_the_run_recorded(tmp_path):
     rundir.write_run_json(tmp_path, {"model": {"dtype": "float32"}})
     assert train.training_dtype("auto", tmp_path)[0] == "float32"
     assert train.training_dtype("bfloat16", tmp_path)[0] == "bfloat16"  # given: the config check decides
-    dtype, why = cli.resolve_dtype("auto")
+    dtype, why = cli.resolve_dtype("auto", "batched")
     assert train.training_dtype("auto", tmp_path / "new") == (dtype, f"auto: {why}")
 
 

@@ -90,7 +90,7 @@ def _expected_text(run_dir, tokenizer, method, *, seed=0, n=20, **kw):
     """The CLI's contract restated: prompt + generate's continuation for the method's seed stream, in the
     dtype --dtype=auto picks on this machine (bfloat16 where the CPU has native bf16 dots)."""
     loaded = pretrained.load_run(run_dir)
-    cfg = loaded.cfg.replace(dtype=cli.resolve_dtype("auto")[0])
+    cfg = loaded.cfg.replace(dtype=cli.resolve_dtype("auto", "decode")[0])
     params = decode.inference_params(loaded.params, cfg, "none")
     ids = tokenizer.encode(PROMPT).ids
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), METHODS.index(method))
@@ -271,7 +271,7 @@ def test_dtype_bfloat16_decodes_with_bf16_weights_and_says_so(run_dir, tokenizer
     assert tokenizer.decode(out.tolist(), skip_special_tokens=False) in text
     fv = sample_lib.define_flags()
     fv(["sample", f"--run_dir={run_dir}"])  # auto: this device's dtype (cli.auto_dtype)
-    assert sample_lib._load_model(fv).cfg.dtype == cli.resolve_dtype("auto")[0]
+    assert sample_lib._load_model(fv).cfg.dtype == cli.resolve_dtype("auto", "decode")[0]
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int8_dynamic"])
@@ -279,7 +279,7 @@ def test_quantize_int8_samples_from_int8_weights_and_says_so(run_dir, tokenizer,
     fv = sample_lib.define_flags()
     fv(["sample", f"--run_dir={run_dir}", f"--quantize={quantize}"])
     model = sample_lib._load_model(fv)
-    assert model.description.endswith(f"{quantize} weights, {cli.resolve_dtype('auto')[0]}")
+    assert model.description.endswith(f"{quantize} weights, {cli.resolve_dtype('auto', 'decode')[0]}")
     assert model.params["h_0"]["mlp"]["c_fc"]["kernel_OI"].dtype == np.int8  # (out, in): decode.inference_params
     assert model.params["wte"]["embedding"].dtype == np.int8 and model.params["wte"]["int8_scale"].dtype == np.float32
     assert model.cfg.int8_activations == (quantize == "int8_dynamic")
