@@ -118,9 +118,9 @@ def bench_train(cfg: GPT2Config, *, batch_size: int, steps: int, warmup: int, pe
     num_steps = warmup + steps + 2
     optimizer = core.make_optimizer(train_cfg, num_steps)
     schedule = core.make_schedule(train_cfg, num_steps)
-    state_N = parallel.replicate(core.init_train_state(cfg, optimizer, jax.random.PRNGKey(seed)))
+    state = parallel.replicate(core.init_train_state(cfg, optimizer, jax.random.PRNGKey(seed)))
     p_step = jax.pmap(core.make_train_step(cfg, optimizer, schedule), axis_name=core.AXIS,
-                      in_axes=(0, 0, None), donate_argnums=(0,))
+                      in_axes=(None, 0, None), out_axes=(None, 0), donate_argnums=(0,))  # as loop._pmapped_step
     T = cfg.n_ctx
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (n_dev, batch_size // n_dev, T + 1), np.int32)
     batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:], "mask": np.ones(tokens[..., 1:].shape, np.float32)}
@@ -128,15 +128,15 @@ def bench_train(cfg: GPT2Config, *, batch_size: int, steps: int, warmup: int, pe
     rng = jax.random.PRNGKey(seed + 1)
 
     t0 = time.perf_counter()
-    state_N, m = p_step(state_N, batch, rng)
+    state, m = p_step(state, batch, rng)
     jax.block_until_ready(m)
     first_s = time.perf_counter() - t0
     for _ in range(warmup):
-        state_N, m = p_step(state_N, batch, rng)
+        state, m = p_step(state, batch, rng)
     jax.block_until_ready(m)
     t0 = time.perf_counter()
     for _ in range(steps):  # no host sync inside the timed loop
-        state_N, m = p_step(state_N, batch, rng)
+        state, m = p_step(state, batch, rng)
     jax.block_until_ready(m)
     elapsed = time.perf_counter() - t0
     step_s = elapsed / steps

@@ -71,7 +71,7 @@ class EvalResult:
 
 @functools.lru_cache(maxsize=8)
 def _pmapped_eval_step(cfg: GPT2Config, devices: tuple):
-    return jax.pmap(make_eval_step(cfg), axis_name=AXIS, devices=devices)
+    return jax.pmap(make_eval_step(cfg), axis_name=AXIS, in_axes=(None, 0), devices=devices)
 
 
 def score_tokens(params, cfg: GPT2Config, tokens: np.ndarray, *, seq_len: int | None = None,
@@ -92,13 +92,13 @@ def score_tokens(params, cfg: GPT2Config, tokens: np.ndarray, *, seq_len: int | 
     seq_len = cfg.n_ctx if seq_len is None else seq_len
     windows = len(data.eval_windows(len(tokens), seq_len, stride)[0])
     requested, batch_size = batch_size, min(batch_size, math.ceil(windows / len(devices)) * len(devices))
-    p_eval_step, params_N = _pmapped_eval_step(cfg, devices), parallel.replicate(params, devices)
+    p_eval_step, params_on_devices = _pmapped_eval_step(cfg, devices), parallel.replicate(params, devices)
 
     def compile_for(rows: int):
         shape = (len(devices), rows // len(devices), seq_len)
         batch = {"inputs": jax.ShapeDtypeStruct(shape, np.int32), "targets": jax.ShapeDtypeStruct(shape, np.int32),
                  "mask": jax.ShapeDtypeStruct(shape, np.float32)}
-        return p_eval_step.lower(params_N, batch).compile()
+        return p_eval_step.lower(params_on_devices, batch).compile()
 
     fitting = memory.rows_that_fit(compile_for, batch_size, devices, multiple=len(devices))
     if fitting < batch_size and warn is not None:
@@ -109,7 +109,7 @@ def score_tokens(params, cfg: GPT2Config, tokens: np.ndarray, *, seq_len: int | 
     if progress is not None:
         batches = progress(batches, total=data.num_eval_batches(len(tokens), seq_len=seq_len, batch_size=batch_size,
                                                            num_devices=len(devices), stride=stride))
-    nll, count = parallel.evaluate(p_eval_step, params_N, batches)
+    nll, count = parallel.evaluate(p_eval_step, params_on_devices, batches)
     return nll, int(round(count))
 
 

@@ -77,7 +77,7 @@ class Run:
 class Loop:
     """What the loop changes besides the devices' state: where it is and what it has not written yet."""
 
-    state_N: Any  # the TrainState replicated over the local devices
+    state: Any  # the TrainState on every local device (``parallel.replicate``)
     step: int
     position: data.DataPosition  # of the data stream after this step's batch
     rng: jax.Array  # the run's dropout key
@@ -123,7 +123,7 @@ def start(run_: Run, checkpoints: Checkpoints, optimizer, source) -> Loop:
             metrics_lib.drop_records_after(path, step)  # written after the checkpoint, recomputed identically
     # Every process reads the records: what is left to evaluate at the end is decided the same way everywhere.
     step_records, eval_records = ([r for r in metrics_lib.read_jsonl(p) if r["step"] <= step] for p in paths)
-    return Loop(state_N=parallel.replicate(state, jax.local_devices()), step=step, position=position, rng=rng,
+    return Loop(state=parallel.replicate(state, jax.local_devices()), step=step, position=position, rng=rng,
                  step_records=step_records, eval_records=eval_records)
 
 
@@ -141,7 +141,7 @@ def _evaluate(run_: Run, loop: Loop, p_eval: Callable, split: str) -> dict:
     """Score ``split`` at the loop's step; record it (evals.jsonl, the plot) and say it."""
     step, spe, cfg = loop.step, run_.spe, run_.cfg
     tokens = run_.corpus.tokens[split]
-    nll, count = parallel.evaluate(p_eval, loop.state_N.params, data.eval_batches(
+    nll, count = parallel.evaluate(p_eval, loop.state.params, data.eval_batches(
         tokens, seq_len=cfg.n_ctx, batch_size=run_.fv.eval_batch_size or run_.train_cfg.batch_size,
         **run_.layout()))
     assert count == len(tokens) - 1, (count, len(tokens))  # each target once
@@ -189,8 +189,8 @@ def _fetch_metrics(run_: Run, loop: Loop, bar, keep_last: bool) -> None:
 
 def _save(run_: Run, loop: Loop, checkpoints: Checkpoints, val_loss: float | None) -> None:
     loop.last_save = time.monotonic()
-    checkpoints.save(loop.step, params=parallel.unreplicate_global(loop.state_N.params),
-                     opt_state=parallel.unreplicate_global(loop.state_N.opt_state),
+    checkpoints.save(loop.step, params=parallel.unreplicate_global(loop.state.params),
+                     opt_state=parallel.unreplicate_global(loop.state.opt_state),
                      meta={"step": loop.step, "model": run_.cfg.architecture(),
                            "data_position": loop.position.to_dict(), "rng": np.asarray(loop.rng).tolist(),
                            "num_devices": jax.device_count(), "num_processes": jax.process_count()},
@@ -202,7 +202,7 @@ def train(run_: Run, checkpoints: Checkpoints, source: pretrained.Pretrained | N
     fv, cfg, train_cfg, spe = run_.fv, run_.cfg, run_.train_cfg, run_.spe
     loop = start(run_, checkpoints, make_optimizer(train_cfg, run_.num_steps), source)
     p_train = _pmapped_step(cfg, train_cfg, run_.num_steps)
-    p_eval = jax.pmap(make_eval_step(cfg), axis_name=AXIS, devices=jax.devices())
+    p_eval = jax.pmap(make_eval_step(cfg), axis_name=AXIS, in_axes=(None, 0), devices=jax.devices())
     batches = parallel.prefetch_to_devices(data.train_batches(
         run_.corpus.tokens["train"], seq_len=cfg.n_ctx, global_batch=train_cfg.batch_size, seed=train_cfg.seed,
         start=loop.position, **run_.layout()), parallel.device_sharding(jax.local_devices()))
@@ -222,7 +222,7 @@ def train(run_: Run, checkpoints: Checkpoints, source: pretrained.Pretrained | N
                 bar = _progress_bar(run_, loop.step)
                 loop.clock = time.perf_counter()
             loop.position, batch = next(batches)  # the position after this batch: saved with its state
-            loop.state_N, m = p_train(loop.state_N, batch, loop.rng)
+            loop.state, m = p_train(loop.state, batch, loop.rng)
             loop.step += 1
             loop.pending.append((loop.step, m))
             if len(loop.pending) > 1:  # at most two steps on the devices: a signal waits for one step only
@@ -293,9 +293,11 @@ def _after_step(run_: Run, loop: Loop, checkpoints: Checkpoints, p_eval: Callabl
 
 
 def _pmapped_step(cfg: GPT2Config, train_cfg: TrainConfig, num_steps: int) -> Callable:
-    """The train step of a ``num_steps`` run under pmap over every device (state donated)."""
+    """The train step of a ``num_steps`` run under pmap over every device: the state (donated) in and out
+    without a device axis (``parallel.replicate``), the batch and the metrics with one."""
     step = make_train_step(cfg, make_optimizer(train_cfg, num_steps), make_schedule(train_cfg, num_steps))
-    return jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=jax.devices())
+    return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0, None), out_axes=(None, 0), donate_argnums=(0,),
+                    devices=jax.devices())
 
 
 def _progress_bar(run_: Run, step: int):
@@ -352,7 +354,7 @@ def _fix_steps(run_: Run, loop: Loop, meter: budget.Meter, p_eval: Callable, bar
     fv, train_cfg, corpus = run_.fv, run_.train_cfg, run_.corpus
     _fetch_metrics(run_, loop, bar, keep_last=False)
     evaluated, eval_s = meter.time(lambda: _evaluate(run_, loop, p_eval, "validation"))
-    state_0 = jax.tree.map(lambda x: x.addressable_shards[0].data, loop.state_N)
+    state_0 = jax.tree.map(lambda x: x.addressable_shards[0].data, loop.state)
     _, save_s = meter.time(lambda: jax.device_get(state_0))  # what a checkpoint holds the loop up for
     timings = meter.timings(evaluation=eval_s, save=save_s,
                             final=eval_s * len(corpus.tokens["test"]) / len(corpus.tokens["validation"]))
