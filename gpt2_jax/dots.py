@@ -100,29 +100,40 @@ def _mixed_matmul_nt_bwd(res, g_GMN):
 mixed_matmul_nt.defvjp(_mixed_matmul_nt_fwd, _mixed_matmul_nt_bwd)
 
 
-def _vocab_chunks(w_VD: jax.Array, scale_V: jax.Array, vocab_chunk: int):
-    """``w_CvD`` (zero rows pad the last chunk), ``scale_Cv`` and each chunk's token ids ``ids_Cv``."""
+def _chunk_size(V: int, vocab_chunk: int) -> int:
+    """The fewest chunks of at most ``vocab_chunk`` words, balanced (32000 words in 16 chunks of 2000, not
+    15 of 2048 and a padded one), rounded up to 16 words where that stays within ``vocab_chunk``."""
+    balanced = -(-V // -(-V // vocab_chunk))
+    return min(vocab_chunk, -(-balanced // 16) * 16)
+
+
+def _vocab_chunks(w_VD: jax.Array, scale_V: jax.Array | None, v: int):
+    """``w_CvD`` (zero rows pad the last chunk), ``scale_Cv`` (or None) and each chunk's token ids ``ids_Cv``."""
     V, D = w_VD.shape
-    C = -(-V // vocab_chunk)
-    pad = C * vocab_chunk - V
-    w_CvD = jnp.pad(w_VD, ((0, pad), (0, 0))).reshape(C, vocab_chunk, D)
-    scale_Cv = jnp.pad(scale_V, (0, pad)).reshape(C, vocab_chunk)
-    return w_CvD, scale_Cv, jnp.arange(C * vocab_chunk).reshape(C, vocab_chunk)
+    C = -(-V // v)
+    pad = C * v - V
+    w_CvD = jnp.pad(w_VD, ((0, pad), (0, 0))).reshape(C, v, D)
+    scale_Cv = None if scale_V is None else jnp.pad(scale_V, (0, pad)).reshape(C, v)
+    return w_CvD, scale_Cv, jnp.arange(C * v).reshape(C, v)
 
 
 def _chunk_logits(x_ND, w_vD, scale_v, ids_v, V):
-    logits_Nv = _product(x_ND, w_vD, 1, 1) * scale_v
-    return jnp.where(ids_v < V, logits_Nv, -jnp.inf)  # the padding rows are no tokens
+    logits_Nv = _product(x_ND, w_vD, 1, 1)
+    if scale_v is not None:
+        logits_Nv = logits_Nv * scale_v
+    if V % ids_v.size:  # the last chunk is padded: its padding rows are no tokens
+        logits_Nv = jnp.where(ids_v < V, logits_Nv, -jnp.inf)
+    return logits_Nv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _nll(x_ND, w_VD, scale_V, t_N, vocab_chunk):
-    return _nll_fwd(x_ND, w_VD, scale_V, t_N, vocab_chunk)[0]
+def _nll(x_ND, w_VD, scale_V, t_N, v):
+    return _nll_fwd(x_ND, w_VD, scale_V, t_N, v)[0]
 
 
-def _nll_fwd(x_ND, w_VD, scale_V, t_N, vocab_chunk):
+def _nll_fwd(x_ND, w_VD, scale_V, t_N, v):
     V, N = w_VD.shape[0], x_ND.shape[0]
-    w_CvD, scale_Cv, ids_Cv = _vocab_chunks(w_VD.astype(x_ND.dtype), scale_V, vocab_chunk)
+    w_CvD, scale_Cv, ids_Cv = _vocab_chunks(w_VD.astype(x_ND.dtype), scale_V, v)
 
     def online_logsumexp(carry, chunk):
         max_N, sum_N = carry
@@ -135,26 +146,35 @@ def _nll_fwd(x_ND, w_VD, scale_V, t_N, vocab_chunk):
     (max_N, sum_N), _ = lax.scan(online_logsumexp, init, (w_CvD, scale_Cv, ids_Cv))
     lse_N = max_N + jnp.log(sum_N)
     w_ND = w_VD[t_N].astype(x_ND.dtype).astype(F32)  # the target rows as the chunks see them
-    target_logit_N = (x_ND.astype(F32) * w_ND).sum(axis=-1) * scale_V[t_N]
+    target_logit_N = (x_ND.astype(F32) * w_ND).sum(axis=-1)
+    if scale_V is not None:
+        target_logit_N = target_logit_N * scale_V[t_N]
     return lse_N - target_logit_N, (x_ND, w_VD, scale_V, t_N, lse_N)
 
 
-def _nll_bwd(vocab_chunk, res, g_N):
+def _nll_bwd(v, res, g_N):
     x_ND, w_VD, scale_V, t_N, lse_N = res
-    V = w_VD.shape[0]
-    w_CvD, scale_Cv, ids_Cv = _vocab_chunks(w_VD.astype(x_ND.dtype), scale_V, vocab_chunk)
+    (V, D), N = w_VD.shape, x_ND.shape[0]
+    w_CvD, scale_Cv, ids_Cv = _vocab_chunks(w_VD.astype(x_ND.dtype), scale_V, v)
+    # Each chunk's weight gradient as xᵀ @ dlogits, x transposed once here: contracting the tokens of
+    # dlogits_Nv itself made XLA:CPU transpose it in memory, N x v at every chunk (49 of tiny's 720 ms a step).
+    x_DN = jnp.transpose(x_ND)
 
     def chunk_grads(dx_ND, chunk):
         w_vD, scale_v, ids_v = chunk
         probs_Nv = jnp.exp(_chunk_logits(x_ND, w_vD, scale_v, ids_v, V) - lse_N[:, None])
         # d nll / d logits = softmax - onehot(target), times the cotangent; then through the scale.
-        dlogits_Nv = ((probs_Nv - (ids_v[None, :] == t_N[:, None])) * g_N[:, None] * scale_v).astype(x_ND.dtype)
+        dlogits_Nv = (probs_Nv - (ids_v[None, :] == t_N[:, None])) * g_N[:, None]
+        if scale_v is not None:
+            dlogits_Nv = dlogits_Nv * scale_v
+        dlogits_Nv = dlogits_Nv.astype(x_ND.dtype)
         dx_ND = dx_ND + _product(dlogits_Nv, w_vD, 1, 0)
-        return dx_ND, _contract_rows(dlogits_Nv, x_ND)
+        return dx_ND, _product(x_DN, dlogits_Nv, 1, 0)
 
-    dx_ND, dw_CvD = lax.scan(chunk_grads, jnp.zeros(x_ND.shape, F32), (w_CvD, scale_Cv, ids_Cv))
-    dw_VD = dw_CvD.reshape(-1, w_VD.shape[1])[:V]
-    return dx_ND.astype(x_ND.dtype), dw_VD.astype(w_VD.dtype), jnp.zeros_like(scale_V), None
+    dx_ND, dw_CDv = lax.scan(chunk_grads, jnp.zeros((N, D), F32), (w_CvD, scale_Cv, ids_Cv))
+    dw_VD = jnp.swapaxes(dw_CDv, 1, 2).reshape(-1, D)[:V]
+    dscale_V = None if scale_V is None else jnp.zeros_like(scale_V)
+    return dx_ND.astype(x_ND.dtype), dw_VD.astype(w_VD.dtype), dscale_V, None
 
 
 _nll.defvjp(_nll_fwd, _nll_bwd)
@@ -162,15 +182,15 @@ _nll.defvjp(_nll_fwd, _nll_bwd)
 
 def vocab_chunked_nll(x_ND: jax.Array, w_VD: jax.Array, t_N: jax.Array, *, vocab_chunk: int = 2048,
                       scale_V: jax.Array | None = None) -> jax.Array:
-    """Per-token ``nll_N`` (float32) of the logits ``(x_ND @ w_VDᵀ) * scale_V``, ``vocab_chunk`` words at a time.
+    """Per-token ``nll_N`` (float32) of the logits ``(x_ND @ w_VDᵀ) * scale_V``, at most ``vocab_chunk`` words at a time.
 
     ``w_VD`` is used in ``x_ND``'s dtype (its gradient comes back in its own); ``scale_V`` (the per-token
     scales of an int8 ``w_VD``, ``model.quantize_int8``) gets no gradient. The largest temporary is
     N x ``vocab_chunk`` float32.
     """
     V = w_VD.shape[0]
-    scale_V = jnp.ones((V,), F32) if scale_V is None else scale_V.astype(F32)
-    return _nll(x_ND, w_VD, scale_V, t_N, min(vocab_chunk, V))
+    scale_V = None if scale_V is None else scale_V.astype(F32)
+    return _nll(x_ND, w_VD, scale_V, t_N, _chunk_size(V, min(vocab_chunk, V)))
 
 
 def _weight_first(w_OI: jax.Array, x_MI: jax.Array, accumulator) -> jax.Array:
