@@ -1,6 +1,7 @@
 """Decoding's matrix products timed alone, the way a decoding step meets them: weights not in cache.
 
     python experiments/matvec_cpu.py     # writes experiments/results/bench/matvec_cpu.json
+    python experiments/matvec_cpu.py --out=experiments/results/bench/matvec_cpu_zen4.json
 
 For each weight shape of tiny and small (and the tied 32k head) at 1, 2, 8, 16, 32 and 64 rows: float32
 and bf16 weights stored ``(in, out)`` (``x @ w``, the training layout) and ``(out, in)`` (what
@@ -16,6 +17,7 @@ bandwidth. Best of 3 runs; the 1-minute load average is recorded.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -86,6 +88,9 @@ def _best_us(form, x, ws, runs: int = 3) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=pathlib.Path, default=OUT)
+    out = parser.parse_args().out
     rows = []
     for name, (d_in, d_out) in SHAPES.items():
         w_IO = jax.random.normal(jax.random.PRNGKey(0), (d_in, d_out)) * 0.02
@@ -104,9 +109,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     record = {"roofline": roofline(), "jax": jax.__version__, "rows": rows}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps({"saved": str(OUT), "roofline": record["roofline"]}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({"saved": str(out), "roofline": record["roofline"]}))
 
 
 if __name__ == "__main__":

@@ -66,14 +66,21 @@ def _best_seconds(f, *args, repeats: int = 5) -> float:
 
 
 def cpu_name() -> str | None:
-    """The CPU's model name from /proc/cpuinfo, or None where there is none."""
+    """The CPU's model name from /proc/cpuinfo with its family and model numbers (a VM's name is often
+    just "AMD EPYC", which covers several generations), or None where there is none."""
+    fields = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return None
+        return None
+    name = fields.get("model name")
+    if name and "cpu family" in fields and "model" in fields:
+        return f"{name} (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def roofline(n: int = 2048, stream_mib: int = 512) -> dict:
