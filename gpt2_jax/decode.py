@@ -246,7 +246,10 @@ def advance_decoding(params, cfg: GPT2Config, state: DecodeState, sampling: Samp
         window_BW = jnp.take_along_axis(history_BS, jnp.maximum(idx_BW, 0), axis=1)
         re_logits_BV, re_cache = prefill(params, cfg, cache, window_BW,
                                          jnp.full((B,), slide_keep, jnp.int32))
-        pick = lambda new, old: jnp.where(full_B.reshape((B,) + (1,) * (old.ndim - 1)), new, old)
+        def pick(new, old):  # new's row b where full_B[b]; the cache's leading axis is G = B·H
+            full = jnp.repeat(full_B, old.shape[0] // B).reshape((old.shape[0],) + (1,) * (old.ndim - 1))
+            return jnp.where(full, new, old)
+
         return (pick(re_logits_BV, logits_BV), jax.tree_util.tree_map(pick, re_cache, cache),
                 jnp.where(full_B, slide_keep, position_B))
 

@@ -317,18 +317,19 @@ def test_write_cache_puts_each_rows_keys_and_values_at_its_own_positions(dtype, 
     from gpt2_jax.model import LayerCache, write_cache
 
     B, H, S, K = 3, 2, 8, 4
-    old = LayerCache(*(jax.random.normal(jax.random.PRNGKey(i), (B, H, S, K), dtype) for i in (0, 1)))
+    old = LayerCache(*(jax.random.normal(jax.random.PRNGKey(i), (B * H, S, K), dtype) for i in (0, 1)))
     k_BHTK, v_BHTK = (jax.random.normal(jax.random.PRNGKey(i), (B, H, T, K), dtype) for i in (2, 3))
     positions_BT = jnp.asarray([[5, 6, 7], [0, 1, 2], [2, 3, 4]], jnp.int32)[:, :T]  # T=1 per-row DUS, T=3 scatter
     new = write_cache(old, k_BHTK, v_BHTK, positions_BT)
-    expected_k, expected_v = np.asarray(old.k_BHSK).copy(), np.asarray(old.v_BHSK).copy()
+    # Row b's head h lives at g = b·H + h.
+    expected_k, expected_v = (np.asarray(c).reshape(B, H, S, K).copy() for c in old)
     for b in range(B):
         for t in range(T):
             expected_k[b, :, positions_BT[b, t]] = k_BHTK[b, :, t]
             expected_v[b, :, positions_BT[b, t]] = v_BHTK[b, :, t]
-    assert new.k_BHSK.dtype == dtype
-    np.testing.assert_array_equal(np.asarray(new.k_BHSK), expected_k)
-    np.testing.assert_array_equal(np.asarray(new.v_BHSK), expected_v)
+    assert new.k_GSK.dtype == dtype and new.k_GSK.shape == (B * H, S, K)
+    np.testing.assert_array_equal(np.asarray(new.k_GSK), expected_k.reshape(B * H, S, K))
+    np.testing.assert_array_equal(np.asarray(new.v_GSK), expected_v.reshape(B * H, S, K))
 
 
 def test_every_product_of_the_bf16_train_step_takes_narrow_inputs_and_accumulates_in_float32(micro_cfg):

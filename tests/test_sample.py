@@ -6,6 +6,7 @@ Float32 throughout; cached and full-forward logits agree within 1e-5 absolute (m
 import contextlib
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +117,26 @@ def test_greedy_generate_equals_argmax_of_repeated_full_forward(cfg, params):
     expected = reference_greedy(params, cfg, prompt, cfg.n_ctx - 5, slide_keep=cfg.n_ctx // 2)
     assert len(set(expected[5:].tolist())) >= 4  # a varied continuation, so equality means something
     np.testing.assert_array_equal(out[0], expected)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_the_decoding_loop_writes_its_cache_in_place_without_copying_it(cfg, params, B):
+    # With the cache laid out (B, H, S, K) XLA:CPU merged B and H for attention's products after the
+    # step's write, wrote the cache twice and copied it three times per layer and step (small at batch 1:
+    # 24 copies of 393 KB a token). The number can only be read from the compiled program. Float32, the
+    # cache --dtype=auto decodes with on a CPU without AMX; a bf16 cache is still copied once a step
+    # (XLA:CPU widens it to float32 for attention's products and fuses the last write into that).
+    state = decode._start_jit(params, cfg, jnp.zeros((B, 8), jnp.int32), jnp.full((B,), 3, jnp.int32),
+                              jax.random.PRNGKey(0), capacity=8)  # 8 + 8 = n_ctx: no slide
+    cache_GSK = state.cache[0][0]
+    assert cache_GSK.size == B * cfg.n_head * cfg.n_ctx * cfg.d_head
+    text = decode._advance_jit.lower(params, cfg, state, sampling_settings(), method="greedy", num_steps=8,
+                                     slide_keep=8).compile().as_text()
+    loop = text[:text.index("\nENTRY")]  # the while loop's body and the rest; not the entry's one copy of its input
+    copies = [tuple(int(d) for d in dims.split(",") if d)
+              for dims in re.findall(r"= \w+\[([\d,]*)\]\S* copy\(", loop)]
+    cache_sized = [c for c in copies if math.prod(c) == cache_GSK.size]
+    assert "while(" in text and not cache_sized, cache_sized
 
 
 @pytest.mark.slow
