@@ -17,9 +17,9 @@ The weight gradients contract over an explicit leading unit axis as well as the 
 product, but the form YNNPACK, XLA:CPU's dot library, accepts (without it the dot falls back to a
 float32 loop five times slower). On GPUs both forms are plain cuBLAS calls.
 
-The head's loss walks the vocabulary ``vocab_chunk`` rows at a time (online log-sum-exp forward, the
-softmax recomputed per chunk backward), so neither pass ever holds the N x V logits and each chunk's
-weight gradient is written once, contracting over all N tokens.
+The head's loss walks the vocabulary in balanced chunks of at most ``vocab_chunk`` rows (online
+log-sum-exp forward, the softmax recomputed per chunk backward), so neither pass ever holds the N x V
+logits and each chunk's weight gradient is written once, contracting over all N tokens.
 """
 
 from __future__ import annotations
