@@ -158,7 +158,9 @@ def _nll_bwd(v, res, g_N):
     w_CvD, scale_Cv, ids_Cv = _vocab_chunks(w_VD.astype(x_ND.dtype), scale_V, v)
     # Each chunk's weight gradient as xᵀ @ dlogits, x transposed once here: contracting the tokens of
     # dlogits_Nv itself made XLA:CPU transpose it in memory, N x v at every chunk (49 of tiny's 720 ms a step).
-    x_DN = jnp.transpose(x_ND)
+    # The barrier keeps XLA from folding the transpose into the product (which YNNPACK then rejects at
+    # small shapes, leaving a bf16 product XLA:CPU's own dot cannot run).
+    x_DN = lax.optimization_barrier(jnp.transpose(x_ND))
 
     def chunk_grads(dx_ND, chunk):
         w_vD, scale_v, ids_v = chunk

@@ -215,6 +215,25 @@ def test_remat_gives_same_loss_and_grads(micro_cfg):
     chex.assert_trees_all_close(g1, g2, atol=1e-6)
 
 
+@pytest.mark.parametrize("vocab_chunk", [32, 2048])  # several chunks; one
+@pytest.mark.parametrize("N, D, V", [(16, 16, 40), (64, 32, 97), (512, 64, 512)])
+def test_the_bf16_head_gradient_runs_at_small_shapes_and_equals_float32s(N, D, V, vocab_chunk):
+    # XLA folded a transpose into the head's weight-gradient product at these shapes; YNNPACK then
+    # refused the product and XLA:CPU's own dot cannot run bf16 x bf16 -> float32 ("UNIMPLEMENTED").
+    from gpt2_jax.dots import vocab_chunked_nll
+
+    x_ND = jax.random.normal(jax.random.PRNGKey(0), (N, D)).astype(jnp.bfloat16)
+    w_VD = jax.random.normal(jax.random.PRNGKey(1), (V, D)) * 0.3
+    t_N = jax.random.randint(jax.random.PRNGKey(2), (N,), 0, V)
+    grad = jax.jit(jax.grad(lambda x, w: vocab_chunked_nll(x, w, t_N, vocab_chunk=vocab_chunk).sum(), argnums=(0, 1)))
+    dx, dw = grad(x_ND, w_VD)
+    # float32 on the values the bf16 products multiply
+    dx32, dw32 = grad(x_ND.astype(jnp.float32), w_VD.astype(jnp.bfloat16).astype(jnp.float32))
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    for g, g32 in ((dx, dx32), (dw, dw32)):
+        np.testing.assert_allclose(np.asarray(g, np.float32), g32, atol=0.02 * float(jnp.abs(g32).max()))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype, rtol", [("float32", 1e-6), ("bfloat16", 0.03)])
 @pytest.mark.parametrize("vocab_chunk", [5, 16, 1000])  # micro vocab: padded chunks, one chunk
