@@ -19,7 +19,7 @@ import json
 import resource
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -115,14 +115,13 @@ def _environment() -> dict:
             "jax": jax.__version__}
 
 
-def bench_train(cfg: GPT2Config, *, batch_size: int, steps: int, warmup: int, peak_tflops: float | None = None,
-                seed: int = 0) -> dict:
-    """Time the real pmapped train step (AdamW, clipping, dropout) on a fixed random batch."""
+def train_step_and_inputs(cfg: GPT2Config, *, batch_size: int, num_steps: int = 100, seed: int = 0):
+    """``(p_step, state, batch, rng)``: the pmapped train step as ``loop`` runs it (AdamW, clipping,
+    dropout; state donated, without a device axis), a replicated fresh state and a fixed random batch."""
     n_dev = jax.local_device_count()
     if batch_size % n_dev:
         raise UserError(f"--batch_size={batch_size} is not divisible by the {n_dev} local devices")
     train_cfg = core.TrainConfig(batch_size=batch_size, warmup_steps=0, lr=1e-4)
-    num_steps = warmup + steps + 2
     optimizer = core.make_optimizer(train_cfg, num_steps)
     schedule = core.make_schedule(train_cfg, num_steps)
     state = parallel.replicate(core.init_train_state(cfg, optimizer, jax.random.PRNGKey(seed)))
@@ -131,9 +130,15 @@ def bench_train(cfg: GPT2Config, *, batch_size: int, steps: int, warmup: int, pe
     T = cfg.n_ctx
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (n_dev, batch_size // n_dev, T + 1), np.int32)
     batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:], "mask": np.ones(tokens[..., 1:].shape, np.float32)}
-    batch = jax.device_put(batch, parallel.device_sharding())
-    rng = jax.random.PRNGKey(seed + 1)
+    return p_step, state, jax.device_put(batch, parallel.device_sharding()), jax.random.PRNGKey(seed + 1)
 
+
+def bench_train(cfg: GPT2Config, *, batch_size: int, steps: int, warmup: int, peak_tflops: float | None = None,
+                seed: int = 0) -> dict:
+    """Time the real pmapped train step (AdamW, clipping, dropout) on a fixed random batch."""
+    p_step, state, batch, rng = train_step_and_inputs(cfg, batch_size=batch_size, num_steps=warmup + steps + 2,
+                                                      seed=seed)
+    T = cfg.n_ctx
     t0 = time.perf_counter()
     state, m = p_step(state, batch, rng)
     jax.block_until_ready(m)
@@ -158,14 +163,10 @@ def bench_train(cfg: GPT2Config, *, batch_size: int, steps: int, warmup: int, pe
     }
 
 
-def time_generate(params, cfg: GPT2Config, *, batch_size: int, prompt_length: int,
-                  max_new_tokens: int, method: str = "greedy", top_k: int = 50, top_p: float = 0.9,
-                  temperature: float = 1.0, slide_keep: int | None = None, repeats: int = 3,
-                  seed: int = 0) -> dict[str, float]:
-    """Compile seconds and new tokens/s of ``decode.generate``'s compiled core on random prompts.
-
-    The best of ``repeats`` runs counts: noise from other processes inflates it the least.
-    """
+def compiled_generate(params, cfg: GPT2Config, *, batch_size: int, prompt_length: int, max_new_tokens: int,
+                      method: str = "greedy", top_k: int = 50, top_p: float = 0.9, temperature: float = 1.0,
+                      slide_keep: int | None = None, seed: int = 0) -> tuple[Any, tuple]:
+    """``(compiled, args)``: ``decode.generate``'s one-jit loop compiled for random prompts, and its arguments."""
     prompt_BP = jax.random.randint(jax.random.PRNGKey(seed), (batch_size, prompt_length), 0,
                                    cfg.vocab_size)
     window_BW, window_lengths_B, _ = decode.prompt_windows(cfg, np.asarray(prompt_BP))
@@ -176,9 +177,21 @@ def time_generate(params, cfg: GPT2Config, *, batch_size: int, prompt_length: in
     args = (params, jnp.asarray(window_BW), jnp.asarray(window_lengths_B),
             jax.random.PRNGKey(seed), jnp.arange(batch_size, dtype=jnp.int32),
             decode.sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p))
-    t0 = time.perf_counter()
     compiled = decode._generate_jit.lower(*args, cfg=cfg, method=method, slide_keep=slide_keep,
                                           max_new_tokens=max_new_tokens).compile()
+    return compiled, args
+
+
+def time_generate(params, cfg: GPT2Config, *, batch_size: int, prompt_length: int,
+                  max_new_tokens: int, repeats: int = 3, **settings) -> dict[str, float]:
+    """Compile seconds and new tokens/s of ``decode.generate``'s compiled core on random prompts
+    (``settings``: ``compiled_generate``'s method, sampling settings and seed).
+
+    The best of ``repeats`` runs counts: noise from other processes inflates it the least.
+    """
+    t0 = time.perf_counter()
+    compiled, args = compiled_generate(params, cfg, batch_size=batch_size, prompt_length=prompt_length,
+                                       max_new_tokens=max_new_tokens, **settings)
     compile_s = time.perf_counter() - t0
     run_s = _best_seconds(compiled, *args, repeats=repeats)  # its first call warms up
     return {"compile_s": compile_s, "run_s": run_s,

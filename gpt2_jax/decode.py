@@ -195,6 +195,18 @@ def sampling_settings(*, temperature=1.0, top_k=50, top_p=0.9, eos_id=None) -> S
                     jnp.int32(-1 if eos_id is None else eos_id))
 
 
+def cache_dtype(cfg: GPT2Config, platform: str) -> jnp.dtype:
+    """The decoding KV cache's dtype on ``platform``: the compute dtype, but float32 on a CPU.
+
+    XLA:CPU runs decoding's attention products (one query against the cache, per row and head) in
+    float32 whatever their inputs. A bf16 cache cost three passes over it a layer and step: its write
+    was not in place (the cache is written as 16-bit words, see ``model.write_cache``), XLA wrote it
+    twice, and widened it to float32 for the products. A float32 cache is written in place and read as
+    it is (small, bf16, batch 1, 2-core Zen 5: see the README's Performance section).
+    """
+    return jnp.dtype(jnp.float32) if platform == "cpu" else compute_dtype(cfg)
+
+
 class DecodeState(NamedTuple):
     """What the decode loop carries from one token to the next (a pytree)."""
 
@@ -218,7 +230,7 @@ def start_decoding(params, cfg: GPT2Config, window_BW: jax.Array, lengths_B: jax
     rows_B = jnp.arange(B) if rows_B is None else rows_B
     # Room for the window and every new token, at most n_ctx slots: attention reads all of a
     # cache's slots each step, so a short generation reads a short cache.
-    cache = init_cache(cfg, B, min(cfg.n_ctx, W + capacity))
+    cache = init_cache(cfg, B, min(cfg.n_ctx, W + capacity), cache_dtype(cfg, jax.default_backend()))
     logits_BV, cache = prefill(params, cfg, cache, window_BW, lengths_B)
     history_BS = jnp.zeros((B, W + capacity), jnp.int32).at[:, :W].set(window_BW)
     return DecodeState(cache, logits_BV, lengths_B, history_BS, lengths_B, jnp.zeros((B,), bool),

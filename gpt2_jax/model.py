@@ -40,12 +40,16 @@ class LayerCache(NamedTuple):
 KVCache = tuple[LayerCache, ...]  # one entry per layer
 
 
-def init_cache(cfg: GPT2Config, batch_size: int, length: int | None = None) -> KVCache:
-    """An all-zero cache of ``length`` slots (default ``n_ctx``) in the compute dtype."""
+def init_cache(cfg: GPT2Config, batch_size: int, length: int | None = None, dtype=None) -> KVCache:
+    """An all-zero cache of ``length`` slots (default ``n_ctx``) in ``dtype`` (default the compute dtype).
+
+    Attention's products run in the wider of the compute and the cache dtype (``decode.cache_dtype``
+    keeps a float32 cache on a CPU).
+    """
     length = cfg.n_ctx if length is None else length
     assert 1 <= length <= cfg.n_ctx, (length, cfg.n_ctx)
     shape = (batch_size * cfg.n_head, length, cfg.d_head)
-    zeros = jnp.zeros(shape, compute_dtype(cfg))
+    zeros = jnp.zeros(shape, compute_dtype(cfg) if dtype is None else dtype)
     return tuple(LayerCache(zeros, zeros) for _ in range(cfg.n_layer))
 
 
@@ -229,6 +233,7 @@ class CausalSelfAttention(nn.Module):
         else:  # decoding: write this chunk into the cache, attend to every slot up to our position
             cache = write_cache(cache, k_BHTK, v_BHTK, positions_BT)
             mask_BTS = jnp.arange(cache.k_GSK.shape[1])[None, None, :] <= positions_BT[:, :, None]
+            q_BHTK = q_BHTK.astype(jnp.promote_types(q_BHTK.dtype, cache.k_GSK.dtype))
             k_GSK, v_GSK = (c_GSK.astype(q_BHTK.dtype) for c_GSK in cache)
             if keys_B is None:  # each (row, head) one batch entry g of attention's products: the cache as stored
                 y_G1TK = attend(q_BHTK.reshape(B * H, 1, T, K), k_GSK[:, None], v_GSK[:, None],

@@ -97,3 +97,34 @@ def test_roofline_measures_matmul_peaks_and_bandwidth_of_this_machine():
 def test_bench_user_errors_exit_2_with_one_line(args, needle):
     proc = _cli(*args)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _profile_step():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("profile_step", REPO / "experiments" / "profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_sums_each_op_over_threads_and_calls_of_the_busiest_module_only():
+    ps = _profile_step()
+    op = lambda name, dur, module="jit_step": {"ph": "X", "dur": dur, "args": {"hlo_op": name, "hlo_module": module}}
+    events = [op("ynn_fusion.3", 300), op("ynn_fusion.3", 100), op("ynn_fusion.12", 200), op("wrapped_convert", 50),
+              op("copy.1.2", 10), op("wrapped_convert", 90, "jit_other"),  # another module: less time in all
+              {"ph": "X", "dur": 5000, "name": "ThunkExecutor::Execute"}]  # not an op: no hlo_op
+    seconds = ps.op_seconds(events, calls=2)
+    assert seconds == pytest.approx({"ynn_fusion.3": 200e-6, "ynn_fusion.12": 100e-6, "wrapped_convert": 25e-6,
+                                     "copy.1.2": 5e-6})
+    hlo = """HloModule jit_step
+  %ynn_fusion.3 = f32[256,2000]{1,0} fusion(bf16[256,2048]{1,0} %a, bf16[2048,2000]{1,0} %b), kind=kCustom
+  ROOT %while.7 = (s32[], f32[2048]{0}) while((s32[], f32[2048]{0}) %t), condition=%c, body=%b
+  copy.1.2 = bf16[8,128]{0,1} copy(bf16[8,128]{1,0} %x)
+"""
+    shapes = ps.hlo_shapes(hlo)
+    assert shapes == {"ynn_fusion.3": "f32[256,2000]", "while.7": "(s32[], f32[2048])", "copy.1.2": "bf16[8,128]"}
+    summary = ps.summarize({k: v * 1e3 for k, v in seconds.items()}, shapes, top=2)
+    assert summary["ops_s"] == pytest.approx(0.33)
+    assert summary["groups_s"] == {"ynn_fusion": 0.3, "wrapped_convert": 0.025, "copy": 0.005}
+    assert summary["top_ops"] == [{"op": "ynn_fusion.3", "s": 0.2, "shape": "f32[256,2000]"},
+                                  {"op": "ynn_fusion.12", "s": 0.1, "shape": None}]

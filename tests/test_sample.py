@@ -123,9 +123,8 @@ def test_greedy_generate_equals_argmax_of_repeated_full_forward(cfg, params):
 def test_the_decoding_loop_writes_its_cache_in_place_without_copying_it(cfg, params, B):
     # With the cache laid out (B, H, S, K) XLA:CPU merged B and H for attention's products after the
     # step's write, wrote the cache twice and copied it three times per layer and step (small at batch 1:
-    # 24 copies of 393 KB a token). The number can only be read from the compiled program. Float32, the
-    # cache --dtype=auto decodes with on a CPU without AMX; a bf16 cache is still copied once a step
-    # (XLA:CPU widens it to float32 for attention's products and fuses the last write into that).
+    # 24 copies of 393 KB a token). The number can only be read from the compiled program. Float32: the
+    # cache's dtype on a CPU whatever the compute dtype (decode.cache_dtype; the test below).
     state = decode._start_jit(params, cfg, jnp.zeros((B, 8), jnp.int32), jnp.full((B,), 3, jnp.int32),
                               jax.random.PRNGKey(0), capacity=8)  # 8 + 8 = n_ctx: no slide
     cache_GSK = state.cache[0][0]
@@ -137,6 +136,25 @@ def test_the_decoding_loop_writes_its_cache_in_place_without_copying_it(cfg, par
               for dims in re.findall(r"= \w+\[([\d,]*)\]\S* copy\(", loop)]
     cache_sized = [c for c in copies if math.prod(c) == cache_GSK.size]
     assert "while(" in text and not cache_sized, cache_sized
+
+
+def test_a_bf16_decoding_loop_on_a_cpu_carries_a_float32_cache_and_never_converts_it(cfg, params):
+    # XLA:CPU runs attention's decoding products in float32 whatever their inputs: a bf16 cache was
+    # written as 16-bit words (not in place), written twice and widened to float32 every layer and step.
+    bf16 = cfg.replace(dtype="bfloat16")
+    assert decode.cache_dtype(bf16, "cpu") == jnp.float32 and decode.cache_dtype(bf16, "gpu") == jnp.bfloat16
+    params16 = decode.inference_params(params, bf16)
+    state = decode._start_jit(params16, bf16, jnp.zeros((1, 8), jnp.int32), jnp.full((1,), 3, jnp.int32),
+                              jax.random.PRNGKey(0), capacity=8)
+    assert all(c.dtype == jnp.float32 for layer in state.cache for c in layer)
+    G, S, K = state.cache[0].k_GSK.shape
+    text = decode._advance_jit.lower(params16, bf16, state, sampling_settings(), method="greedy", num_steps=8,
+                                     slide_keep=8).compile().as_text()
+    cache_shaped = re.findall(rf"= (\w+)\[{G},{S},{K}\]", text)
+    assert "f32" in cache_shaped and not {"bf16", "u16"} & set(cache_shaped), sorted(set(cache_shaped))
+    new = np.asarray(decode._advance_jit(params16, bf16, state, sampling_settings(), method="greedy",
+                                         num_steps=8, slide_keep=8)[1])
+    np.testing.assert_array_equal(new[0], reference_greedy(params16, bf16, np.zeros(3, np.int32), 8, 8)[3:])
 
 
 @pytest.mark.slow
