@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,16 +100,17 @@ def test_bench_user_errors_exit_2_with_one_line(args, needle):
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _profile_step():
+
+def _experiment(name):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("profile_step", REPO / "experiments" / "profile_step.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_profile_sums_each_op_over_threads_and_calls_of_the_busiest_module_only():
-    ps = _profile_step()
+    ps = _experiment("profile_step")
     op = lambda name, dur, module="jit_step": {"ph": "X", "dur": dur, "args": {"hlo_op": name, "hlo_module": module}}
     events = [op("ynn_fusion.3", 300), op("ynn_fusion.3", 100), op("ynn_fusion.12", 200), op("wrapped_convert", 50),
               op("copy.1.2", 10), op("wrapped_convert", 90, "jit_other"),  # another module: less time in all
@@ -128,3 +130,20 @@ def test_profile_sums_each_op_over_threads_and_calls_of_the_busiest_module_only(
     assert summary["groups_s"] == {"ynn_fusion": 0.3, "wrapped_convert": 0.025, "copy": 0.005}
     assert summary["top_ops"] == [{"op": "ynn_fusion.3", "s": 0.2, "shape": "f32[256,2000]"},
                                   {"op": "ynn_fusion.12", "s": 0.1, "shape": None}]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int8])
+def test_every_timed_gemv_form_computes_the_same_row_times_matrix(dtype):
+    gl = _experiment("gemv_in_loop_cpu")
+    d_in, d_out = 48, 80
+    rng = np.random.default_rng(0)
+    x_I = rng.integers(-4, 5, d_in).astype(np.float32)  # small integers: exact in every dtype
+    w_IO = rng.integers(-100, 101, (d_in, d_out)).astype(np.float32)
+    want = x_I.astype(np.float64) @ w_IO
+    for form in gl.FORMS:
+        oi = "_OI" in form
+        w = jnp.asarray(w_IO.T if oi else w_IO).astype(dtype)
+        got = jax.jit(lambda x, w: gl.product(form, x, w))(jnp.asarray(x_I), w)
+        chex.assert_shape(got, (d_out,))
+        assert got.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=form)
