@@ -25,7 +25,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 
 OUT = pathlib.Path(__file__).resolve().parent / "results" / "bench" / "gemv_in_loop_cpu.json"
 D, F, LAYERS = 768, 3072, 24
@@ -53,6 +52,8 @@ def time_form(form: str, dtype_name: str, steps: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
     from jax import lax
+
+    from gpt2_jax.bench import best_seconds
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}[dtype_name]
     oi = form.endswith("OI") or "_OI_" in form
 
@@ -74,13 +75,7 @@ def time_form(form: str, dtype_name: str, steps: int, repeats: int) -> dict:
             return x_D, None
         return lax.scan(step, x_D, None, length=steps)[0]
 
-    x_D = jnp.ones((D,), jnp.float32)
-    jax.block_until_ready(loop(x_D, weights))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(loop(x_D, weights))
-        best = min(best, time.perf_counter() - t0)
+    best = best_seconds(loop, jnp.ones((D,), jnp.float32), weights, repeats=repeats)
     nbytes = sum(a.nbytes + b.nbytes for a, b in weights)
     return {"form": form, "dtype": dtype_name, "ms_per_step": round(best / steps * 1e3, 2),
             "gbps": round(nbytes * steps / best / 1e9, 1)}

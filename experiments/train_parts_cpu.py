@@ -30,13 +30,7 @@ from gpt2_jax.model import init_params
 
 
 def best_ms(f, *args, repeats: int = 7) -> float:
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return round(1e3 * min(times), 2)
+    return round(1e3 * bench.best_seconds(f, *args, repeats=repeats), 2)
 
 
 def time_updates(optimizer, params, grads, steps: int = 5) -> tuple[float, dict]:

@@ -55,7 +55,8 @@ def device_peak_tflops(dtype: str) -> float | None:
     return None
 
 
-def _best_seconds(f, *args, repeats: int = 5) -> float:
+def best_seconds(f, *args, repeats: int = 5) -> float:
+    """The fastest of ``repeats`` timed calls of ``f(*args)``, after one untimed call (compile, warm-up)."""
     jax.block_until_ready(f(*args))  # compile
     best = float("inf")
     for _ in range(repeats):
@@ -92,9 +93,9 @@ def roofline(n: int = 2048, stream_mib: int = 512) -> dict:
     bf16 = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     flops = 2.0 * n**3
     stream = jnp.ones((stream_mib * 2**20 // 4,), jnp.float32)
-    read = _best_seconds(jax.jit(jnp.sum), stream)
-    return {"matmul_f32_gflops": round(flops / _best_seconds(f32, a, b) / 1e9, 1),
-            "matmul_bf16_gflops": round(flops / _best_seconds(bf16, a.astype(jnp.bfloat16),
+    read = best_seconds(jax.jit(jnp.sum), stream)
+    return {"matmul_f32_gflops": round(flops / best_seconds(f32, a, b) / 1e9, 1),
+            "matmul_bf16_gflops": round(flops / best_seconds(bf16, a.astype(jnp.bfloat16),
                                                                b.astype(jnp.bfloat16)) / 1e9, 1),
             "memory_gbps": round(stream.nbytes / read / 1e9, 1), "matmul_n": n, "stream_mib": stream_mib,
             "cpu": cpu_name(), "device": jax.devices()[0].device_kind}
@@ -193,7 +194,7 @@ def time_generate(params, cfg: GPT2Config, *, batch_size: int, prompt_length: in
     compiled, args = compiled_generate(params, cfg, batch_size=batch_size, prompt_length=prompt_length,
                                        max_new_tokens=max_new_tokens, **settings)
     compile_s = time.perf_counter() - t0
-    run_s = _best_seconds(compiled, *args, repeats=repeats)  # its first call warms up
+    run_s = best_seconds(compiled, *args, repeats=repeats)  # its first call warms up
     return {"compile_s": compile_s, "run_s": run_s,
             "new_tokens_per_s": batch_size * max_new_tokens / run_s, "batch_size": batch_size,
             "prompt_length": prompt_length, "max_new_tokens": max_new_tokens}

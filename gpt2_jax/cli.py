@@ -84,7 +84,10 @@ def auto_dtype(workload: str, *, platform: str, compute_capability: str | None =
     float32: 2-core Xeon with AMX, small at batch 1, 73 against 50 (``bench generate``, commit 3385d3a);
     2-core EPYC (Zen 4) with AVX512-BF16 and no AMX, ``experiments/bench_cpu_vs_pytorch.py``: small 51
     against 55 (batch 8: 281 against 319), tiny 319 against 477 (batch 8: 1,664 against 1,815), while its
-    training runs 1.8-2.1x faster in bf16.
+    training runs 1.8-2.1x faster in bf16; 2-core EPYC (Zen 5), the same script at 3aad617 (run 4): small 74
+    against 94 (batch 8: 475 against 397), tiny 784 against 929 (batch 8: 2,678 against 2,502), training
+    1.7-1.9x faster in bf16. XLA:CPU's bf16 matrix-vector products read about 20 GB/s there, float32's at
+    the bandwidth (``experiments/gemv_in_loop_cpu.py``).
     """
     assert workload in ("batched", "decode"), workload
     if platform == "tpu":
