@@ -26,6 +26,12 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gpt2_jax.bench import best_seconds, cpu_name, roofline
+
 OUT = pathlib.Path(__file__).resolve().parent / "results" / "bench" / "gemv_in_loop_cpu.json"
 D, F, LAYERS = 768, 3072, 24
 FLAG_SETS = ("--xla_cpu_use_onednn=true", "--xla_cpu_use_xnnpack=false",
@@ -33,32 +39,32 @@ FLAG_SETS = ("--xla_cpu_use_onednn=true", "--xla_cpu_use_xnnpack=false",
              "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY_SLINKY")
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
+
+
+def stores_OI(form: str) -> bool:
+    """Whether ``form`` takes the weight stored (out, in); else (in, out)."""
+    return "_OI" in form
+
+
 def product(form: str, x_I, w):
-    """``x_I @ W`` (float32 result) in ``form``; ``w`` is stored as the form's name says."""
-    import jax.numpy as jnp
-    from jax import lax
+    """``x_I @ W`` (float32 result) in ``form``; ``w`` is stored as ``stores_OI`` says."""
     f32 = jnp.float32
+    contract = 1 if stores_OI(form) else 0  # w's input axis
     if form.startswith("reduce_"):
-        w32 = w.astype(f32)
-        return jnp.sum(w32 * x_I[None, :], axis=1) if form == "reduce_OI" else jnp.sum(w32 * x_I[:, None], axis=0)
-    layout, rows = form[4:6], int(form.split("_m")[1])
+        x_bcast = x_I[None, :] if contract == 1 else x_I[:, None]
+        return jnp.sum(w.astype(f32) * x_bcast, axis=contract)
+    rows = int(form.split("_m")[1])
     acc = jnp.int32 if w.dtype == jnp.int8 else f32
     x_MI = jnp.broadcast_to(x_I, (rows, x_I.shape[0])).astype(w.dtype)  # int8: the values are small integers
-    contract = 1 if layout == "OI" else 0
     return lax.dot_general(x_MI, w, (((1,), (contract,)), ((), ())), preferred_element_type=acc)[0].astype(f32)
 
 
 def time_form(form: str, dtype_name: str, steps: int, repeats: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
-    from gpt2_jax.bench import best_seconds
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}[dtype_name]
-    oi = form.endswith("OI") or "_OI_" in form
+    dtype = DTYPES[dtype_name]
 
     def weight(key, d_in, d_out):
-        shape = (d_out, d_in) if oi else (d_in, d_out)
+        shape = (d_out, d_in) if stores_OI(form) else (d_in, d_out)
         if dtype == jnp.int8:
             return jax.random.randint(key, shape, -127, 128, jnp.int8)
         return jax.random.normal(key, shape, dtype)
@@ -85,12 +91,9 @@ FORMS = ("dot_OI_m1", "dot_OI_m2", "dot_OI_m4", "dot_IO_m1", "dot_IO_m2", "dot_I
 
 
 def run_here(steps: int, repeats: int) -> dict:
-    import jax
-
-    from gpt2_jax.bench import roofline
     load_before = round(os.getloadavg()[0], 2)
-    rows = [time_form(f, d, steps, repeats) for d in ("float32", "bfloat16", "int8") for f in FORMS]
-    best = {d: max((r for r in rows if r["dtype"] == d), key=lambda r: r["gbps"]) for d in ("float32", "bfloat16", "int8")}
+    rows = [time_form(f, d, steps, repeats) for d in DTYPES for f in FORMS]
+    best = {d: max((r for r in rows if r["dtype"] == d), key=lambda r: r["gbps"]) for d in DTYPES}
     return {"xla_flags": os.environ.get("XLA_FLAGS", ""), "load_before": load_before, "rows": rows,
             "best": {d: {"form": r["form"], "gbps": r["gbps"]} for d, r in best.items()},
             "roofline": roofline(), "load_after": round(os.getloadavg()[0], 2), "jax": jax.__version__}
@@ -116,7 +119,6 @@ def main() -> None:
         print(json.dumps({"xla_flags": flags, "best": record["best"], "memory_gbps": record["roofline"]["memory_gbps"],
                           "load": [record["load_before"], record["load_after"]]}), flush=True)
         runs.append(record)
-    from gpt2_jax.bench import cpu_name
     a.out.write_text(json.dumps({"cpu": cpu_name(), "runs": runs}, indent=1) + "\n")
     print(json.dumps({"saved": str(a.out)}))
 

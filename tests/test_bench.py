@@ -100,7 +100,6 @@ def test_bench_user_errors_exit_2_with_one_line(args, needle):
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
 
 
-
 def _experiment(name):
     import importlib.util
     spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
@@ -141,8 +140,7 @@ def test_every_timed_gemv_form_computes_the_same_row_times_matrix(dtype):
     w_IO = rng.integers(-100, 101, (d_in, d_out)).astype(np.float32)
     want = x_I.astype(np.float64) @ w_IO
     for form in gl.FORMS:
-        oi = "_OI" in form
-        w = jnp.asarray(w_IO.T if oi else w_IO).astype(dtype)
+        w = jnp.asarray(w_IO.T if gl.stores_OI(form) else w_IO).astype(dtype)
         got = jax.jit(lambda x, w: gl.product(form, x, w))(jnp.asarray(x_I), w)
         chex.assert_shape(got, (d_out,))
         assert got.dtype == jnp.float32
