@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 import warnings
 from typing import Any
 
@@ -318,8 +319,11 @@ def _quiet_abandoned_io() -> None:
     if getattr(previous, "_gpt2_jax_filter", False):
         return
     orbax_io = ("async_deserialize", "tensorstore_spec", "write_fragment", "async_serialize", "orbax", "OCDBT")
+    # Named in the message (a task's coroutine), or only in the traceback (a bare future's exception:
+    # "Future exception was never retrieved", raised by a write of Orbax's async path).
     logging.getLogger("asyncio").addFilter(lambda r: not (
-        "exception was never retrieved" in r.getMessage() and any(w in r.getMessage() for w in orbax_io)))
+        "exception was never retrieved" in r.getMessage()
+        and (any(w in r.getMessage() for w in orbax_io) or _raised_in_orbax(r))))
     # Reads and writes never started because another failed: garbage-collected unawaited at exit.
     warnings.filterwarnings(
         "ignore", r"coroutine '.*(serialize|write_fragment|read_fragment|array_metadatas).*' was never awaited",
@@ -337,6 +341,13 @@ def _quiet_abandoned_io() -> None:
 
     hook._gpt2_jax_filter = True
     sys.unraisablehook = hook
+
+
+def _raised_in_orbax(record: logging.LogRecord) -> bool:
+    """Whether the exception ``record`` logs passed through Orbax's code on its way up."""
+    e = record.exc_info[1] if record.exc_info else None
+    frames = traceback.extract_tb(e.__traceback__) if e is not None else []
+    return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
 
 
 def _io_reason(e: Exception) -> str:
